@@ -1,0 +1,40 @@
+"""lmops_jax: distillation, fine-tuning and serving of language models in JAX/Flax."""
+import setuptools
+
+CORE = [
+    "jax==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "gin-config==0.5.0",
+    "numpy>=1.26",
+    "tensorboardX>=2.6",
+]
+DATA = [
+    "seqio==0.0.20",
+    "tensorflow==2.21.0",
+    "tensorflow-text==2.21.1",
+    "tensorflow-datasets==4.9.10",
+    "sentencepiece>=0.2",
+]
+PEFT = ["qwix==0.1.8"]
+T5 = ["t5==0.9.4"]
+DEV = ["pytest>=8", "pytest-xdist>=3.5"]
+
+setuptools.setup(
+    name="lmops_jax",
+    version="0.1.0",
+    description="Distillation, fine-tuning and serving of language models in JAX/Flax.",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["lmops_jax", "lmops_jax.*"]),
+    package_data={"lmops_jax": ["data/corpus/*.txt", "gin/*.gin"]},
+    include_package_data=True,
+    install_requires=CORE,
+    extras_require={
+        "data": DATA,
+        "peft": PEFT,
+        "t5": DATA + T5,
+        "dev": DEV,
+        "all": DATA + PEFT,
+    },
+)
