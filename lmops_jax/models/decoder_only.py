@@ -1,0 +1,124 @@
+"""Llama-style decoder-only transformer (RMSNorm, rotary embeddings, SwiGLU, grouped-query attention).
+
+Parameter names and layouts follow Hugging Face `LlamaForCausalLM` one-to-one, transposed to
+(in, out) order and with the head dimension split out:
+
+    embed_tokens/embedding          [V, D]        model.embed_tokens.weight
+    layers_i/self_attn/q_proj/kernel [D, H, Dh]   model.layers.i.self_attn.q_proj.weight.T
+    layers_i/self_attn/k_proj/kernel [D, K, Dh]   ...k_proj.weight.T   (v_proj likewise)
+    layers_i/self_attn/o_proj/kernel [H, Dh, D]   ...o_proj.weight.T
+    layers_i/mlp/{gate,up}_proj/kernel [D, F], down_proj/kernel [F, D]
+    layers_i/{input,post_attention}_layernorm/scale [D];  norm/scale [D]
+    lm_head/kernel                  [D, V]        lm_head.weight.T (absent when tied)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmops_jax.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Hyper-parameters of a Llama-family decoder. `head_dim` defaults to d_model // num_heads."""
+
+    vocab_size: int = 512
+    d_model: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    mlp_dim: int = 352
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    max_length: int = 2048
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"LlamaConfig: num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(f"LlamaConfig: d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+
+class DecoderLayer(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, mask, positions):
+        cfg = self.config
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        norm = lambda name: layers.RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name=name)  # noqa: E731
+        h = layers.Attention(
+            cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, use_rope=True, rope_theta=cfg.rope_theta,
+            dtype=dtype, param_dtype=param_dtype, name="self_attn",
+        )(norm("input_layernorm")(x), mask=mask, query_positions=positions, key_positions=positions)
+        x = layers.constrain(x + h, ("batch", "length", "act_embed"))
+        h = layers.GatedMLP(cfg.mlp_dim, "silu", dtype, param_dtype, name="mlp")(norm("post_attention_layernorm")(x))
+        return layers.constrain(x + h, ("batch", "length", "act_embed"))
+
+
+class LlamaDecoder(nn.Module):
+    """tokens [B, L] -> logits [B, L, V] (compute dtype).
+
+    `segment_ids` [B, L] (0 = padding) keep packed sequences from attending to each other and
+    `positions` [B, L] restart at 0 in each packed sequence; both default to a single unpacked sequence.
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        cfg = self.config
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        batch, length = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        embed_std = cfg.d_model ** -0.5 if cfg.tie_embeddings else 1.0
+        embed = layers.Embed(cfg.vocab_size, cfg.d_model, dtype, param_dtype,
+                             nn.initializers.normal(stddev=embed_std), name="embed_tokens")
+        x = layers.constrain(embed(tokens), ("batch", "length", "act_embed"))
+        mask = layers.make_attention_mask(
+            segment_ids, segment_ids, query_length=length, key_length=length, causal=True,
+            query_positions=positions if segment_ids is not None else None,
+            key_positions=positions if segment_ids is not None else None)
+        layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
+        for i in range(cfg.num_layers):
+            x = layer_cls(cfg, name=f"layers_{i}")(x, mask, positions)
+        x = layers.RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = layers.DenseGeneral((cfg.d_model,), (cfg.vocab_size,), ("embed",), ("vocab",), dtype,
+                                         param_dtype, name="lm_head")(x)
+        return layers.constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def matmul_params_per_token(cfg: LlamaConfig) -> int:
+    """Weights touched by matmuls per token (attention, MLP, unembedding; not the embedding lookup)."""
+    hd = cfg.resolved_head_dim
+    attn = cfg.d_model * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    mlp = 3 * cfg.d_model * cfg.mlp_dim
+    return cfg.num_layers * (attn + mlp) + cfg.d_model * cfg.vocab_size
+
+
+def training_flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
+    """Model FLOPs per trained token as the field counts them (forward + backward = 3x forward).
+
+    6 * matmul params, plus causal attention scores and values: per layer the forward costs
+    2 (QK^T) + 2 (AV) multiply-adds over H * Dh features and half of the L keys, i.e. 2 * L * H * Dh.
+    """
+    attn = cfg.num_layers * 2 * seq_len * cfg.num_heads * cfg.resolved_head_dim
+    return 6.0 * matmul_params_per_token(cfg) + 3.0 * attn
