@@ -1,0 +1,64 @@
+"""The train state pytree and its initialization directly in sharded form."""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from lmops_jax.partitioning import Partitioner
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step: int32 scalar; params: the model's parameter tree; opt_state: the optax state."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def _opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any, params: Any,
+                         param_shardings: Any, partitioner: Partitioner) -> Any:
+    """Optimizer-state leaves shaped like their parameter take its sharding; the rest are replicated
+    (e.g. step counts, or Adafactor's factored row/column statistics)."""
+    def pick(leaf, param, sharding):
+        return sharding if getattr(leaf, "shape", None) == param.shape else partitioner.replicated
+    return optax.tree_map_params(
+        tx, pick, abstract_opt_state, params, param_shardings,
+        transform_non_params=lambda _: partitioner.replicated)
+
+
+def state_shardings(
+    partitioner: Partitioner, tx: optax.GradientTransformation, init_params: Callable[[jax.Array], Any],
+) -> tuple[TrainState, TrainState]:
+    """(abstract unboxed state, its NamedShardings) from a boxed parameter initializer, with no FLOPs."""
+    boxed = jax.eval_shape(init_params, jax.random.key(0))
+    param_shardings = partitioner.shardings_of_boxed(boxed)
+    params = nn.meta.unbox(boxed)
+    opt_state = jax.eval_shape(tx.init, params)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state)
+    shardings = TrainState(
+        step=partitioner.replicated, params=param_shardings,
+        opt_state=_opt_state_shardings(tx, opt_state, params, param_shardings, partitioner))
+    return abstract, shardings
+
+
+def init_train_state(
+    rng: jax.Array, partitioner: Partitioner, tx: optax.GradientTransformation,
+    init_params: Callable[[jax.Array], Any], shardings: TrainState,
+) -> TrainState:
+    """Initializes params and optimizer state inside one jit whose outputs are already sharded, so the
+    full state never exists on a single device."""
+    def init(key):
+        params = nn.meta.unbox(init_params(key))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    with partitioner.context():
+        return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def param_count(params: Mapping[str, Any]) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(params)))

@@ -1,0 +1,237 @@
+"""Trainer: the jitted train/eval steps and the training loop.
+
+`train_step(state, batch) -> (state, metrics)` is a pure function jitted once with the partitioner's
+in/out shardings and the state donated. Gradient accumulation splits the batch into microbatches inside
+the same jit (`lax.scan`) and normalizes every microbatch's summed loss by the whole batch's token
+weight, so the accumulated gradient equals the large-batch gradient up to float summation order.
+(optax.MultiSteps averages per-microbatch mean gradients across calls instead, which differs when packed
+microbatches hold different token counts and spreads one optimizer step over several calls.)
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lmops_jax import train_state as train_state_lib
+from lmops_jax.models.model import BaseModel
+from lmops_jax.optimizers import OptimizerConfig
+from lmops_jax.partitioning import Partitioner
+from lmops_jax.summaries import MetricsWriter
+from lmops_jax.train_state import TrainState
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+WEIGHTS_KEY = "decoder_loss_weights"
+
+
+def summarize(sums: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Means from summed metrics: loss, accuracy and z_loss per weighted token."""
+    weight = max(float(sums["weight_sum"]), 1.0)
+    out = {f"{prefix}loss": float(sums["loss_sum"]) / weight,
+           f"{prefix}accuracy": float(sums["correct_sum"]) / weight}
+    if "z_loss_sum" in sums:
+        out[f"{prefix}z_loss"] = float(sums["z_loss_sum"]) / weight
+    return out
+
+
+def _tree_add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Trains `model` with `optimizer` on the partitioner's mesh.
+
+    Attributes:
+      model: the model wrapper (loss, shapes, FLOPs).
+      partitioner: mesh and logical axis rules.
+      optimizer: optimizer config; the schedule spans `num_train_steps`.
+      num_train_steps: total optimizer steps of the run (TRAIN_STEPS).
+      batch_size: global batch size (BATCH_SIZE).
+      task_feature_lengths: e.g. {'targets': 256} (TASK_FEATURE_LENGTHS).
+      num_microbatches: gradient accumulation factor; batch_size / num_microbatches per forward.
+      seed: seeds parameter init and the per-step PRNG keys (the step is folded in, so a resumed run
+        draws the same keys).
+    """
+
+    model: BaseModel
+    partitioner: Partitioner
+    optimizer: OptimizerConfig
+    num_train_steps: int
+    batch_size: int
+    task_feature_lengths: Mapping[str, int]
+    num_microbatches: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        divisor = self.partitioner.batch_size_divisor
+        if self.batch_size % self.num_microbatches:
+            raise ValueError(f"BATCH_SIZE={self.batch_size} is not divisible by num_microbatches="
+                             f"{self.num_microbatches}")
+        micro = self.batch_size // self.num_microbatches
+        if micro % divisor:
+            raise ValueError(
+                f"the (micro)batch of {micro} examples (BATCH_SIZE={self.batch_size} / num_microbatches="
+                f"{self.num_microbatches}) must be divisible by the {divisor} batch shards of mesh "
+                f"{self.partitioner.axis_sizes}")
+        self.tx = self.optimizer.make(self.num_train_steps)
+        self.learning_rate_fn = self.optimizer.learning_rate_schedule(self.num_train_steps)
+        init_shapes = self.model.input_shapes(1, self.task_feature_lengths)
+        self._init_params = lambda rng: self.model.init_params(rng, init_shapes)
+        self.abstract_state, self.state_shardings = train_state_lib.state_shardings(
+            self.partitioner, self.tx, self._init_params)
+        self.batch_sharding = self.partitioner.data_sharding()
+        replicated = self.partitioner.replicated
+        self._jit_train_step = jax.jit(
+            self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+        self._jit_eval_step = jax.jit(
+            self._eval_step, in_shardings=(self.state_shardings.params, self.batch_sharding),
+            out_shardings=replicated)
+
+    # ----------------------------------------------------------------------------------------- state
+    def init_state(self) -> TrainState:
+        """A fresh, sharded train state (params from `seed`)."""
+        return train_state_lib.init_train_state(
+            jax.random.key(self.seed), self.partitioner, self.tx, self._init_params, self.state_shardings)
+
+    def step_rng(self, step: jax.Array) -> jax.Array:
+        return jax.random.fold_in(jax.random.key(self.seed + 1), step)
+
+    # ------------------------------------------------------------------------------------ pure steps
+    def loss_fn(self, params: Any, batch: Batch, rng: jax.Array, loss_normalizer: Any) -> tuple[jax.Array, Metrics]:
+        """Loss to differentiate and summed metrics; subclasses (distillation) override this."""
+        return self.model.loss_fn(params, batch, rng, loss_normalizer=loss_normalizer)
+
+    def _grads(self, params: Any, batch: Batch, rng: jax.Array) -> tuple[Any, Metrics]:
+        grad_fn = jax.grad(self.loss_fn, has_aux=True)
+        normalizer = jnp.maximum(jnp.sum(batch[WEIGHTS_KEY].astype(jnp.float32)), 1.0)
+        n = self.num_microbatches
+        if n == 1:
+            return grad_fn(params, batch, rng, normalizer)
+        # Microbatch i takes examples i, i + n, ...: each device keeps its own rows, nothing moves.
+        micro = jax.tree.map(lambda x: x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1), batch)
+        micro = jax.tree.map(
+            lambda x: jax.lax.with_sharding_constraint(
+                x, jax.sharding.NamedSharding(self.partitioner.mesh, jax.sharding.PartitionSpec(
+                    None, *self.batch_sharding.spec))), micro)
+        zeros = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng, normalizer)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+
+        def body(acc, xs):
+            i, mb = xs
+            return _tree_add(acc, grad_fn(params, mb, jax.random.fold_in(rng, i), normalizer)), None
+        acc, _ = jax.lax.scan(body, zeros, (jnp.arange(n), micro))
+        return acc
+
+    def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        grads, metrics = self._grads(state.params, batch, self.step_rng(state.step))
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["learning_rate"] = jnp.asarray(self.learning_rate_fn(state.step), jnp.float32)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def _eval_step(self, params: Any, batch: Batch) -> Metrics:
+        _, metrics = self.model.loss_fn(params, batch, None)
+        return metrics
+
+    # ----------------------------------------------------------------------------- jitted entry points
+    def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        """One optimizer step. `state` is donated: use the returned one."""
+        with self.partitioner.context():
+            return self._jit_train_step(state, batch)
+
+    def eval_step(self, params: Any, batch: Batch) -> Metrics:
+        with self.partitioner.context():
+            return self._jit_eval_step(params, batch)
+
+    def evaluate(self, params: Any, batches: Iterator[Batch], num_batches: int) -> dict[str, float]:
+        """`eval/loss`, `eval/accuracy` over up to `num_batches` batches (token-weighted)."""
+        total = None
+        for _, batch in zip(range(num_batches), batches):
+            sums = self.eval_step(params, batch)
+            total = sums if total is None else _tree_add(total, sums)
+        if total is None:
+            raise ValueError("the evaluation dataset yielded no batch")
+        return summarize(jax.device_get(total), prefix="eval/")
+
+    # ------------------------------------------------------------------------------------------ loop
+    def fit(
+        self,
+        state: TrainState,
+        train_batches: Iterator[Batch],
+        *,
+        writer: MetricsWriter | None = None,
+        log_period: int = 100,
+        eval_batches_fn: Callable[[], Iterator[Batch]] | None = None,
+        eval_period: int = 0,
+        eval_steps: int = 1,
+        peak_flops: float | None = None,
+        after_step: Callable[[int, TrainState], None] | None = None,
+    ) -> TrainState:
+        """Runs steps until `num_train_steps`, logging every `log_period` steps and at the end.
+
+        The host only waits on the device at log steps. Throughput excludes the first step (compile).
+        `after_step(step, state)` runs after every step (checkpointing hooks in here).
+        """
+        start_step = int(jax.device_get(state.step))
+        tokens_per_step = self.batch_size * sum(self.task_feature_lengths.get(k, 0) for k in ("targets",))
+        flops_per_token = self.model.training_flops_per_token(self.task_feature_lengths)
+        timer_start, timer_step = None, start_step
+        step = start_step
+        for step in range(start_step + 1, self.num_train_steps + 1):
+            try:
+                batch = next(train_batches)
+            except StopIteration:
+                logging.warning("training data ran out at step %d", step - 1)
+                step -= 1
+                break
+            state, metrics = self.train_step(state, batch)
+            if timer_start is None:
+                jax.block_until_ready(metrics)
+                timer_start, timer_step = time.perf_counter(), step
+            if after_step is not None:
+                after_step(step, state)
+            last = step == self.num_train_steps
+            record = {}
+            if step % log_period == 0 or last:
+                host = jax.device_get(metrics)
+                elapsed = time.perf_counter() - timer_start
+                record = summarize(host)
+                record.update(grad_norm=float(host["grad_norm"]), learning_rate=float(host["learning_rate"]))
+                if step > timer_step and elapsed > 0:
+                    tokens_per_s = (step - timer_step) * tokens_per_step / elapsed
+                    record["tokens_per_s"] = tokens_per_s
+                    record["tokens_per_s_per_device"] = tokens_per_s / jax.device_count()
+                    if peak_flops:
+                        record["mfu"] = tokens_per_s * flops_per_token / peak_flops
+                timer_start, timer_step = time.perf_counter(), step
+            if eval_batches_fn is not None and ((eval_period and step % eval_period == 0) or last):
+                record.update(self.evaluate(state.params, eval_batches_fn(), eval_steps))
+            if record:
+                if writer is not None:
+                    writer.write(step, record)
+                logging.info(format_log_line(step, self.num_train_steps, record))
+        return state
+
+
+def format_log_line(step: int, total: int, record: Mapping[str, float]) -> str:
+    """'[#####.....]  50% step 500/1000 loss 1.234 ...' for humans; metrics.jsonl holds full precision."""
+    frac = step / max(total, 1)
+    bar = "#" * int(frac * 20) + "." * (20 - int(frac * 20))
+    parts = [f"[{bar}] {frac:4.0%} step {step}/{total}"]
+    for key in ("loss", "accuracy", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "eval/loss",
+                "eval/accuracy"):
+        if key in record:
+            value = record[key]
+            parts.append(f"{key} {value:.4g}" if key != "mfu" else f"mfu {100 * value:.2f}%")
+    return " ".join(parts)
+

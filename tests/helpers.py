@@ -1,0 +1,22 @@
+"""Shared test fixtures: tiny models and synthetic batches (no data pipeline needed)."""
+import numpy as np
+
+from lmops_jax.models import decoder_only, model
+
+
+def tiny_llama(**overrides) -> model.DecoderOnlyModel:
+    cfg = dict(vocab_size=128, d_model=64, num_layers=1, num_heads=4, num_kv_heads=2, mlp_dim=128)
+    cfg.update(overrides)
+    return model.DecoderOnlyModel(decoder_only.LlamaConfig(**cfg))
+
+
+def lm_batch(batch_size: int, length: int, vocab: int = 128, seed: int = 0, ragged: bool = False) -> dict:
+    """Decoder batch of random tokens; `ragged` zeroes a random tail of each row's loss weights."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, vocab, (batch_size, length + 1)).astype(np.int32)
+    weights = np.ones((batch_size, length), np.int32)
+    if ragged:
+        for i, n in enumerate(rng.integers(1, length, batch_size)):
+            weights[i, n:] = 0
+    return {"decoder_input_tokens": tokens[:, :-1], "decoder_target_tokens": tokens[:, 1:] * weights,
+            "decoder_loss_weights": weights}

@@ -1,0 +1,104 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmops_jax.models import decoder_only, layers
+from tests.helpers import tiny_llama
+
+
+def _params(m, length=16):
+    return nn.meta.unbox(m.init_params(jax.random.key(0), m.input_shapes(1, {"targets": length})))
+
+
+def test_shapes_and_logical_axes():
+    m = tiny_llama(num_layers=2, tie_embeddings=False)
+    boxed = m.init_params(jax.random.key(0), m.input_shapes(1, {"targets": 8}))
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert all(isinstance(x, nn.Partitioned) and len(x.names) == x.value.ndim for x in leaves)
+    p = nn.meta.unbox(boxed)
+    assert p["layers_1"]["self_attn"]["k_proj"]["kernel"].shape == (64, 2, 16)
+    assert p["layers_1"]["self_attn"]["o_proj"]["kernel"].shape == (4, 16, 64)
+    assert p["lm_head"]["kernel"].shape == (64, 128)
+    logits = m.compute_logits(p, {"decoder_input_tokens": jnp.ones((3, 8), jnp.int32)})
+    assert logits.shape == (3, 8, 128)
+
+
+def test_tied_embeddings_have_no_lm_head():
+    m = tiny_llama(tie_embeddings=True)
+    assert "lm_head" not in _params(m)
+
+
+def test_causal_mask_future_tokens_do_not_change_past_logits():
+    m = tiny_llama()
+    p = _params(m)
+    a = np.arange(1, 17, dtype=np.int32)[None]
+    b = a.copy()
+    b[0, 10:] = 5
+    la = m.compute_logits(p, {"decoder_input_tokens": a})
+    lb = m.compute_logits(p, {"decoder_input_tokens": b})
+    np.testing.assert_allclose(la[0, :10], lb[0, :10], atol=1e-5)
+    assert not np.allclose(la[0, 10:], lb[0, 10:])
+
+
+def test_mask_combines_causality_and_segments():
+    seg = jnp.array([[1, 1, 2, 2, 0]])
+    pos = jnp.array([[0, 1, 0, 1, 0]])
+    mask = layers.make_attention_mask(seg, seg, query_length=5, key_length=5, causal=True,
+                                      query_positions=pos, key_positions=pos)[0, 0]
+    expected = np.array([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(np.asarray(mask, int), expected)
+
+
+def test_packed_batch_gives_same_per_token_loss_as_unpacked():
+    m = tiny_llama(num_layers=2)
+    p = _params(m)
+    rng = np.random.default_rng(0)
+    seq_a, seq_b = rng.integers(1, 128, 7), rng.integers(1, 128, 5)
+
+    def unpacked(seq):
+        inputs = np.concatenate([[0], seq[:-1]])[None].astype(np.int32)
+        logits = m.compute_logits(p, {"decoder_input_tokens": inputs})
+        return np.asarray(jax.nn.log_softmax(logits)[0, np.arange(len(seq)), seq])
+
+    packed_targets = np.concatenate([seq_a, seq_b, [0, 0, 0, 0]])[None].astype(np.int32)
+    packed_inputs = np.concatenate([[0], seq_a[:-1], [0], seq_b[:-1], [0, 0, 0, 0]])[None].astype(np.int32)
+    segments = np.array([[1] * 7 + [2] * 5 + [0] * 4], np.int32)
+    positions = np.array([list(range(7)) + list(range(5)) + [0] * 4], np.int32)
+    logits = m.compute_logits(p, {"decoder_input_tokens": packed_inputs, "decoder_segment_ids": segments,
+                                  "decoder_positions": positions})
+    logp = np.asarray(jax.nn.log_softmax(logits)[0, np.arange(12), packed_targets[0, :12]])
+    np.testing.assert_allclose(logp, np.concatenate([unpacked(seq_a), unpacked(seq_b)]), atol=2e-5)
+
+
+def test_rope_matches_rotate_half_reference():
+    x = np.random.default_rng(1).normal(size=(1, 3, 2, 8)).astype(np.float32)
+    pos = np.array([[0, 1, 5]])
+    out = np.asarray(layers.rotary_embedding(jnp.asarray(x), jnp.asarray(pos)))
+    inv = 1.0 / (10000 ** (np.arange(0, 8, 2) / 8))
+    ang = pos[..., None] * inv
+    cos, sin = np.concatenate([np.cos(ang)] * 2, -1)[:, :, None], np.concatenate([np.sin(ang)] * 2, -1)[:, :, None]
+    rot = np.concatenate([-x[..., 4:], x[..., :4]], -1)
+    np.testing.assert_allclose(out, x * cos + rot * sin, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    m = tiny_llama(dtype="bfloat16", param_dtype="float32")
+    p = _params(m)
+    assert p["lm_head"]["kernel"].dtype == jnp.float32
+    logits = m.compute_logits(p, {"decoder_input_tokens": jnp.ones((1, 8), jnp.int32)})
+    assert logits.dtype == jnp.bfloat16
+
+
+def test_bad_head_config_is_named():
+    with pytest.raises(ValueError, match="num_heads=4 must be a multiple of num_kv_heads=3"):
+        decoder_only.LlamaConfig(num_heads=4, num_kv_heads=3)
+
+
+def test_flops_count_matches_hand_count():
+    cfg = decoder_only.LlamaConfig(vocab_size=4096, d_model=256, num_layers=4, num_heads=4, num_kv_heads=4,
+                                   mlp_dim=704)
+    per_layer = 4 * 256 * 256 + 3 * 256 * 704
+    expected = 6 * (4 * per_layer + 256 * 4096) + 6 * 4 * 256 * 256
+    assert decoder_only.training_flops_per_token(cfg, 256) == expected
