@@ -21,15 +21,26 @@ class TrainState:
     opt_state: Any
 
 
-def _opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any, params: Any,
-                         param_shardings: Any, partitioner: Partitioner) -> Any:
-    """Optimizer-state leaves shaped like their parameter take its sharding; the rest are replicated
-    (e.g. step counts, or Adafactor's factored row/column statistics)."""
-    def pick(leaf, param, sharding):
-        return sharding if getattr(leaf, "shape", None) == param.shape else partitioner.replicated
-    return optax.tree_map_params(
-        tx, pick, abstract_opt_state, params, param_shardings,
-        transform_non_params=lambda _: partitioner.replicated)
+def _dict_keys(path) -> tuple[str, ...]:
+    return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def _opt_state_shardings(abstract_opt_state: Any, params: Any, param_shardings: Any, partitioner: Partitioner) -> Any:
+    """Optimizer-state leaves that mirror a parameter (same dict-key path suffix and shape, e.g. Adam's
+    moments) take its sharding; the rest are replicated (step counts, Adafactor's factored statistics)."""
+    by_path = {}
+    for (path, param), sharding in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                       jax.tree.leaves(param_shardings)):
+        by_path[_dict_keys(path)] = (param.shape, sharding)
+
+    def pick(path, leaf):
+        keys = _dict_keys(path)
+        for start in range(len(keys)):
+            shape, sharding = by_path.get(keys[start:], (None, None))
+            if sharding is not None:
+                return sharding if getattr(leaf, "shape", None) == shape else partitioner.replicated
+        return partitioner.replicated
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
 def state_shardings(
@@ -43,7 +54,7 @@ def state_shardings(
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state)
     shardings = TrainState(
         step=partitioner.replicated, params=param_shardings,
-        opt_state=_opt_state_shardings(tx, opt_state, params, param_shardings, partitioner))
+        opt_state=_opt_state_shardings(opt_state, params, param_shardings, partitioner))
     return abstract, shardings
 
 
