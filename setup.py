@@ -19,7 +19,7 @@ DATA = [
 ]
 PEFT = ["qwix==0.1.8"]
 T5 = ["t5==0.9.4"]
-DEV = ["pytest>=8", "pytest-xdist>=3.5"]
+DEV = ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5,<6", "safetensors>=0.4"]
 
 setuptools.setup(
     name="lmops_jax",

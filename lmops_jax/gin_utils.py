@@ -48,7 +48,7 @@ def _resolve_file(path: str, search_paths: Sequence[str]) -> str:
         candidate = os.path.join(folder, path)
         if os.path.exists(candidate):
             return candidate
-    raise GinConfigError(f"gin file {path!r} not found (searched: ., {', '.join(search_paths)})")
+    raise GinConfigError(f"gin file {path!r} not found (searched: {', '.join(search_paths)})")
 
 
 def missing_required_macros() -> list[str]:
@@ -62,8 +62,9 @@ def missing_required_macros() -> list[str]:
 
 def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()) -> None:
     """Parses files then bindings; errors name the offending file, binding or macro."""
-    search_paths = [p for p in search_paths if p] + [os.getcwd(), PACKAGE_CONFIG_DIR,
-                                                     os.path.dirname(PACKAGE_CONFIG_DIR)]
+    candidates = [p for p in search_paths if p] + [os.getcwd(), os.path.dirname(PACKAGE_CONFIG_DIR),
+                                                   PACKAGE_CONFIG_DIR]
+    search_paths = list(dict.fromkeys(os.path.abspath(p) for p in candidates))
     for path in search_paths:
         gin.add_config_file_search_path(path)
     files = [_resolve_file(f, search_paths) for f in gin_files]

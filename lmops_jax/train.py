@@ -1,0 +1,155 @@
+"""Training entry point: `python -m lmops_jax.train --gin_file=... [--gin.NAME=VALUE ...]`.
+
+`train(...)` is also the Python API for notebooks: every collaborator (model, partitioner, optimizer,
+trainer class) is a typed argument, so it runs without gin and gin can swap any of them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+
+from lmops_jax import flops, gin_utils
+from lmops_jax.models.model import BaseModel
+from lmops_jax.optimizers import OptimizerConfig
+from lmops_jax.partitioning import Partitioner
+from lmops_jax.summaries import MetricsWriter
+from lmops_jax.trainer import Trainer
+from lmops_jax.train_state import TrainState, param_count
+
+
+def _check_required(**values: Any) -> None:
+    missing = [name for name, value in values.items() if gin_utils.is_required_sentinel(value)]
+    if missing:
+        raise gin_utils.GinConfigError(f"train(): required arguments not bound by gin: {', '.join(missing)}")
+
+
+def _check_vocabulary(task_name: str, model: BaseModel) -> None:
+    import seqio
+    task = seqio.get_mixture_or_task(task_name)
+    for name, feature in task.output_features.items():
+        if feature.vocabulary.vocab_size > model.vocab_size:
+            raise ValueError(
+                f"task {task_name!r} feature {name!r} has a vocabulary of {feature.vocabulary.vocab_size} "
+                f"tokens, more than the model's vocab_size={model.vocab_size}")
+
+
+def train(
+    *,
+    model: BaseModel,
+    model_dir: str,
+    train_steps: int,
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    batch_size: int,
+    partitioner: Partitioner | None = None,
+    optimizer: OptimizerConfig | None = None,
+    trainer_cls: Callable[..., Trainer] = Trainer,
+    num_microbatches: int = 1,
+    seed: int = 0,
+    pack: bool = True,
+    log_period: int = 50,
+    eval_period: int = 0,
+    eval_steps: int = 4,
+    peak_flops: float | None = None,
+    setup_fns: Sequence[Callable[[], Any]] = (),
+    config_str: str | None = None,
+) -> tuple[Trainer, TrainState]:
+    """Trains `model` on a seqio task or mixture and returns (trainer, final state).
+
+    Args:
+      model: model wrapper (MODEL).
+      model_dir: output folder for metrics.jsonl, TensorBoard events and config.gin (MODEL_DIR).
+      train_steps: total optimizer steps (TRAIN_STEPS).
+      mixture_or_task_name: a registered seqio task or mixture (MIXTURE_OR_TASK_NAME).
+      task_feature_lengths: e.g. {'targets': 256} or {'inputs': 64, 'targets': 64} (TASK_FEATURE_LENGTHS).
+      batch_size: global batch size (BATCH_SIZE).
+      partitioner: mesh and rules (MESH_SHAPE, LOGICAL_AXIS_RULES); default data parallel on all devices.
+      optimizer: default AdamW with cosine schedule.
+      trainer_cls: Trainer or a subclass (e.g. distillation), called with the arguments above.
+      num_microbatches: gradient accumulation factor.
+      seed: parameter init, data order and per-step PRNG keys.
+      pack: pack several examples per row (seqio feature converter packing).
+      log_period: steps between metric records (the last step is always logged).
+      eval_period: steps between evaluations on the validation split (0: only at the end).
+      eval_steps: batches per evaluation (EVAL_STEPS).
+      peak_flops: FLOP/s of the whole job for MFU; None measures a matmul peak in this process.
+      setup_fns: called first, e.g. gin-bound task registrations that read TEXT_FILES.
+      config_str: gin config text, written to MODEL_DIR/config.gin.
+    """
+    _check_required(model=model, model_dir=model_dir, train_steps=train_steps,
+                    mixture_or_task_name=mixture_or_task_name, task_feature_lengths=task_feature_lengths,
+                    batch_size=batch_size)
+    from lmops_jax.data import pipeline  # TensorFlow is imported only when data is needed
+
+    for fn in setup_fns:
+        fn()
+    partitioner = partitioner or Partitioner()
+    optimizer = optimizer or OptimizerConfig()
+    task_feature_lengths = dict(task_feature_lengths)
+    converter = model.feature_converter_cls(pack=pack)
+    batch_sharding = partitioner.data_sharding()
+
+    def batches(split: str, shuffle: bool, data_seed: int):
+        dataset = pipeline.get_dataset(
+            mixture_or_task_name, task_feature_lengths, converter, global_batch_size=batch_size, split=split,
+            shuffle=shuffle, seed=data_seed)
+        return pipeline.GlobalBatchIterator(dataset, batch_sharding)
+
+    train_batches = batches("train", True, seed)  # fails here, before any compile, on an unknown task
+    eval_batches_fn = lambda: batches("validation", False, 0)  # noqa: E731  same batches every time
+    _check_vocabulary(mixture_or_task_name, model)
+    trainer = trainer_cls(model=model, partitioner=partitioner, optimizer=optimizer, num_train_steps=train_steps,
+                          batch_size=batch_size, task_feature_lengths=task_feature_lengths,
+                          num_microbatches=num_microbatches, seed=seed)
+
+    os.makedirs(model_dir, exist_ok=True)
+    if config_str is not None and jax.process_index() == 0:
+        with open(os.path.join(model_dir, "config.gin"), "w", encoding="utf-8") as f:
+            f.write(config_str)
+
+    state = trainer.init_state()
+    logging.info("model: %s parameters; mesh %s; rules %s", f"{param_count(state.params):,}",
+                 partitioner.axis_sizes, partitioner.rules)
+    if peak_flops is None:
+        compute_dtype = getattr(getattr(model, "config", None), "dtype", "float32")
+        peak_flops = flops.host_peak_flops(compute_dtype)
+        logging.info("measured matmul peak: %.3g FLOP/s (%s)", peak_flops, compute_dtype)
+    writer = MetricsWriter(model_dir)
+    try:
+        state = trainer.fit(state, train_batches, writer=writer, log_period=log_period,
+                            eval_batches_fn=eval_batches_fn, eval_period=eval_period, eval_steps=eval_steps,
+                            peak_flops=peak_flops)
+    finally:
+        writer.close()
+    return trainer, state
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: parse gin flags, then call the gin-configured `train` (errors in the config exit with 2)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    import gin
+
+    # Under `python -m` this file runs as __main__; gin registered the importable module's function.
+    from lmops_jax import train as train_module
+
+    try:
+        args = gin_utils.parse_flags(sys.argv[1:] if argv is None else argv)
+        gin_utils.parse(args.gin_file, args.gin_bindings, args.gin_search_paths.split(","))
+        try:
+            configured_train = gin.get_configurable(train_module.train)
+        except ValueError as e:
+            raise gin_utils.GinConfigError(
+                "the gin files bind nothing to lmops_jax.train.train; include gin_configs/runs/pretrain.gin "
+                f"or bind train.* yourself ({e})") from e
+        configured_train(config_str=gin.config_str())
+    except gin_utils.GinConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

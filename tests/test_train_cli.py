@@ -1,0 +1,87 @@
+"""The CLI end to end (in a subprocess, as a user runs it) and each bad-input case (in process)."""
+import json
+import os
+import subprocess
+import sys
+
+import gin
+import pytest
+
+from lmops_jax import gin_utils
+from lmops_jax import train as train_lib
+from tests.helpers import tiny_llama
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_cli_trains_and_writes_metrics_and_config(tmp_path):
+    model_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lmops_jax.train", "--gin_file=gin_configs/models/llama_tiny.gin",
+           "--gin_file=gin_configs/runs/pretrain.gin", f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=6",
+           "--gin.BATCH_SIZE=8", "--gin.TASK_FEATURE_LENGTHS={'targets': 32}", "--gin.LOG_PERIOD=4",
+           "--gin.EVAL_PERIOD=4", "--gin.EVAL_STEPS=1", "--gin.WARMUP_STEPS=2",
+           "--gin.MESH_SHAPE={'data': 2, 'fsdp': 2, 'model': 1}", "--gin.LOGICAL_AXIS_RULES='fsdp'"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 6]  # every LOG_PERIOD and always the last step
+    for key in ("loss", "learning_rate", "tokens_per_s", "mfu", "grad_norm", "accuracy", "eval/loss",
+                "eval/accuracy"):
+        assert key in records[-1], key
+    assert isinstance(records[-1]["loss"], float) and len(repr(records[-1]["loss"])) > 8  # full precision
+    config = (model_dir / "config.gin").read_text()
+    assert "TRAIN_STEPS = 6" in config and "LOGICAL_AXIS_RULES = 'fsdp'" in config
+    assert list((model_dir / "tensorboard").iterdir())
+    assert "step 6/6" in proc.stdout
+
+
+def _parse(bindings, files=("gin_configs/models/llama_tiny.gin", "gin_configs/runs/pretrain.gin")):
+    gin.clear_config()
+    gin_utils.parse([os.path.join(REPO, f) for f in files], bindings)
+
+
+def test_unknown_gin_binding_is_named():
+    with pytest.raises(gin_utils.GinConfigError, match="train_lib.train.bogus"):
+        _parse(["MODEL_DIR = '/tmp/x'", "train_lib.train.bogus = 1"])
+
+
+def test_missing_required_macro_is_named():
+    with pytest.raises(gin_utils.GinConfigError, match="required gin macros are not set: MODEL_DIR"):
+        _parse([])
+
+
+def test_unknown_flag_and_missing_file_are_named():
+    with pytest.raises(gin_utils.GinConfigError, match="unknown flags.*--gin_fil=x"):
+        gin_utils.parse_flags(["--gin_fil=x"])
+    with pytest.raises(gin_utils.GinConfigError, match="nope.gin' not found"):
+        _parse([], files=("nope.gin",))
+
+
+def test_cli_reports_config_errors_with_exit_code_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_lib.main(["--gin_file=gin_configs/runs/pretrain.gin", "--gin_file=gin_configs/models/llama_tiny.gin"])
+    assert exit_info.value.code == 2
+    assert "MODEL_DIR" in capsys.readouterr().err
+    gin.clear_config()
+
+
+def test_unregistered_task_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="unknown seqio task or mixture 'no_such_task'"):
+        train_lib.train(model=tiny_llama(), model_dir=str(tmp_path), train_steps=1,
+                        mixture_or_task_name="no_such_task", task_feature_lengths={"targets": 16}, batch_size=8)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_model_vocab_smaller_than_task_vocab_is_named(tmp_path):
+    with pytest.raises(ValueError, match="more than the model's vocab_size=128"):
+        train_lib.train(model=tiny_llama(vocab_size=128), model_dir=str(tmp_path), train_steps=1,
+                        mixture_or_task_name="synthetic_lm", task_feature_lengths={"targets": 16}, batch_size=8)
+
+
+def test_python_api_trains_without_gin(tmp_path):
+    trainer, state = train_lib.train(
+        model=tiny_llama(vocab_size=512), model_dir=str(tmp_path), train_steps=3, batch_size=8,
+        mixture_or_task_name="synthetic_lm", task_feature_lengths={"targets": 16}, log_period=1, peak_flops=1e12)
+    assert int(state.step) == 3
+    assert (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "config.gin").exists()
