@@ -18,13 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmops_jax import partitioning
+
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Logical sharding constraint on an activation (a no-op outside a mesh + rules context)."""
-    return nn.with_logical_constraint(x, tuple(logical_axes))
+    return partitioning.constrain_logical(x, tuple(logical_axes))
 
 
 def param_with_axes(
@@ -272,3 +274,60 @@ class GatedMLP(nn.Module):
         up = dense(d_model, self.hidden_dim, "embed", "mlp", "up_proj")(x)
         h = constrain(act(gate) * up, ("batch", "length", "act_mlp"))
         return dense(self.hidden_dim, d_model, "mlp", "embed", "down_proj")(h)
+
+
+def relative_position_bucket(
+    relative_position: jax.Array, *, bidirectional: bool, num_buckets: int = 32, max_distance: int = 128,
+) -> jax.Array:
+    """T5 relative-position buckets, numerically identical to Hugging Face `T5Attention._relative_position_bucket`.
+
+    relative_position = key_position - query_position (any integer shape). Bidirectional (encoder):
+    half of the buckets for keys after the query, half for keys at or before it. Causal (decoder):
+    positive offsets (future keys) all fall in bucket 0. Within each half, offsets below
+    `max_exact = half // 2` get their own bucket; larger ones share log-spaced buckets up to
+    `max_distance`, beyond which they all land in the last bucket. The log is taken in float32 in the
+    same operation order as Hugging Face, so the buckets agree at the exact-boundary offsets too.
+    Returns int32 buckets in [0, num_buckets) of the input's shape.
+    """
+    rel = jnp.asarray(relative_position).astype(jnp.int32)
+    buckets = jnp.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (rel > 0).astype(jnp.int32) * num_buckets
+        rel = jnp.abs(rel)
+    else:
+        rel = -jnp.minimum(rel, 0)
+    max_exact = num_buckets // 2
+    # Offsets below max_exact take the exact branch; the floor of 1 only keeps log() finite there.
+    scaled = jnp.log(jnp.maximum(rel, 1).astype(jnp.float32) / max_exact) / float(np.log(max_distance / max_exact))
+    large = max_exact + (scaled * (num_buckets - max_exact)).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return buckets + jnp.where(rel < max_exact, rel, large)
+
+
+class RelativePositionBias(nn.Module):
+    """T5 relative attention bias: a learned scalar per (bucket, head), `rel_embedding` [num_buckets, H].
+
+    Called with query positions [B|1, L] and key positions [B|1, S]; returns the bias [B|1, H, L, S]
+    (compute dtype) that is added to the attention scores.
+    """
+
+    num_buckets: int
+    max_distance: int
+    num_heads: int
+    bidirectional: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    embedding_init: Initializer = nn.initializers.normal(stddev=1.0)
+
+    @nn.compact
+    def __call__(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
+        table = param_with_axes(
+            self, "rel_embedding", self.embedding_init, (self.num_buckets, self.num_heads), self.param_dtype,
+            ("relpos_buckets", "heads"))
+        relative = key_positions[:, None, :] - query_positions[:, :, None]  # [B|1, L, S]
+        buckets = relative_position_bucket(
+            relative, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
+            max_distance=self.max_distance)
+        values = jnp.take(jnp.asarray(table, self.dtype), buckets, axis=0)  # [B|1, L, S, H]
+        return jnp.transpose(values, (0, 3, 1, 2))

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from lmops_jax import losses
-from lmops_jax.models import decoder_only
+from lmops_jax.models import decoder_only, encoder_decoder
 
 Batch = Mapping[str, jax.Array]
 Params = Any
@@ -142,3 +142,57 @@ class DecoderOnlyModel(BaseModel):
 
     def training_flops_per_token(self, task_feature_lengths):
         return decoder_only.training_flops_per_token(self.config, int(task_feature_lengths["targets"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderDecoderModel(BaseModel):
+    """A T5 1.1 encoder-decoder trained with teacher-forced cross-entropy on (packed) seqio batches.
+
+    Batches come from `seqio.EncDecFeatureConverter`: `encoder_input_tokens` [B, Le] and
+    `decoder_{input,target}_tokens`, `decoder_loss_weights` [B, Ld], plus `{encoder,decoder}_segment_ids`
+    and `{encoder,decoder}_positions` when packed. Params are initialized with the T5 query scaling
+    (`encoder_decoder.scale_query_init`).
+    """
+
+    config: encoder_decoder.T5Config = dataclasses.field(default_factory=encoder_decoder.T5Config)
+    z_loss: float = 1e-4
+    label_smoothing: float = 0.0
+
+    @property
+    def module(self) -> nn.Module:
+        return encoder_decoder.T5EncoderDecoder(self.config)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def feature_converter_cls(self) -> type:
+        import seqio  # imported lazily: the model is usable without the data extra
+        return seqio.EncDecFeatureConverter
+
+    def input_shapes(self, batch_size, task_feature_lengths):
+        encoder = (batch_size, int(task_feature_lengths["inputs"]))
+        decoder = (batch_size, int(task_feature_lengths["targets"]))
+        shapes = {name: encoder for name in ["encoder_input_tokens", "encoder_segment_ids", "encoder_positions"]}
+        shapes.update({name: decoder for name in ["decoder_input_tokens", "decoder_target_tokens",
+                                                  "decoder_loss_weights", "decoder_segment_ids",
+                                                  "decoder_positions"]})
+        return shapes
+
+    def init_params(self, rng, input_shapes):
+        encoder_tokens = jnp.ones(input_shapes["encoder_input_tokens"], jnp.int32)
+        decoder_tokens = jnp.ones(input_shapes["decoder_input_tokens"], jnp.int32)
+        params = self.module.init(rng, encoder_tokens, decoder_tokens)["params"]
+        return encoder_decoder.scale_query_init(params, self.config.head_dim)
+
+    def compute_logits(self, params, batch, rng=None):
+        return self.module.apply(
+            {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+            encoder_segment_ids=batch.get("encoder_segment_ids"), decoder_segment_ids=batch.get("decoder_segment_ids"),
+            encoder_positions=batch.get("encoder_positions"), decoder_positions=batch.get("decoder_positions"))
+
+    def training_flops_per_token(self, task_feature_lengths):
+        """Per target token; see `encoder_decoder.training_flops_per_token`."""
+        return encoder_decoder.training_flops_per_token(
+            self.config, int(task_feature_lengths["inputs"]), int(task_feature_lengths["targets"]))
