@@ -25,6 +25,11 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
     parser.add_argument("--gin_search_paths", default="", help="comma-separated folders for gin files/includes")
+    parser.add_argument("--multihost", action="store_true", help="jax.distributed.initialize() with auto-detection")
+    parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
+    parser.add_argument("--cpu_collectives", default=None, help="e.g. 'gloo' for multi-process CPU runs")
     args, rest = parser.parse_known_args(list(argv))
     bindings, unknown = [], []
     for arg in rest:

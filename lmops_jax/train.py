@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
-from lmops_jax import flops, gin_utils
+from lmops_jax import checkpoints, flops, gin_utils
+from lmops_jax.checkpoints import CheckpointConfig, Checkpointer
 from lmops_jax.models.model import BaseModel
 from lmops_jax.optimizers import OptimizerConfig
 from lmops_jax.partitioning import Partitioner
@@ -37,6 +40,54 @@ def _check_vocabulary(task_name: str, model: BaseModel) -> None:
                 f"tokens, more than the model's vocab_size={model.vocab_size}")
 
 
+class Preempted(RuntimeError):
+    """Training stopped on a signal after saving a checkpoint at `step`."""
+
+    def __init__(self, step: int, signal_name: str):
+        super().__init__(f"{signal_name} received: saved a checkpoint at step {step}; run the same command "
+                         "again to resume")
+        self.step = step
+        self.signal_name = signal_name
+
+
+class _StopOnSignals:
+    """Turns SIGTERM/SIGINT into a flag the training loop checks after each step (main thread only)."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _initial_state(trainer: Trainer, checkpointer: Checkpointer, train_batches: Any, initial_checkpoint_path,
+                   assignment_map, init_missing_params) -> tuple[TrainState, str]:
+    """Resume from MODEL_DIR if it has checkpoints, else start from INITIAL_CHECKPOINT_PATH or scratch."""
+    restored = checkpointer.restore_latest(trainer.abstract_state, trainer.state_shardings)
+    if restored is not None:
+        state, data_state, step = restored
+        train_batches.set_state(data_state)
+        return state, f"resumed from step {step} in {checkpointer.directory}"
+    state = trainer.init_state()
+    if not initial_checkpoint_path:
+        return state, "initialized from scratch"
+    params = checkpoints.restore_params(
+        initial_checkpoint_path, trainer.abstract_state.params, trainer.state_shardings.params,
+        assignment_map=assignment_map, init_missing=(lambda: state.params) if init_missing_params else None)
+    return state.replace(params=params), f"params restored from {initial_checkpoint_path}"
+
+
 def train(
     *,
     model: BaseModel,
@@ -56,6 +107,10 @@ def train(
     eval_steps: int = 4,
     peak_flops: float | None = None,
     setup_fns: Sequence[Callable[[], Any]] = (),
+    checkpoint: CheckpointConfig | None = None,
+    initial_checkpoint_path: str | None = None,
+    assignment_map: Sequence[tuple[str, str | None]] = (),
+    init_missing_params: bool = False,
     config_str: str | None = None,
 ) -> tuple[Trainer, TrainState]:
     """Trains `model` on a seqio task or mixture and returns (trainer, final state).
@@ -78,7 +133,16 @@ def train(
       eval_steps: batches per evaluation (EVAL_STEPS).
       peak_flops: FLOP/s of the whole job for MFU; None measures a matmul peak in this process.
       setup_fns: called first, e.g. gin-bound task registrations that read TEXT_FILES.
-      config_str: gin config text, written to MODEL_DIR/config.gin.
+      checkpoint: when to save and what to keep (default CheckpointConfig()). A run whose MODEL_DIR
+        holds checkpoints resumes from the newest readable one, data position included.
+      initial_checkpoint_path: for a fresh MODEL_DIR, params-only start (fine-tuning) from this
+        checkpoint; step and optimizer state start fresh (INITIAL_CHECKPOINT_PATH).
+      assignment_map: regex rules from checkpoint param names to model names (see checkpoints.map_names).
+      init_missing_params: initialize model params absent from the initial checkpoint from scratch.
+      config_str: gin config text, written to MODEL_DIR/config.gin and into every checkpoint.
+
+    SIGTERM or SIGINT during training saves a checkpoint at the current step, waits for it, and raises
+    `Preempted`; running the same command again resumes with no step lost.
     """
     _check_required(model=model, model_dir=model_dir, train_steps=train_steps,
                     mixture_or_task_name=mixture_or_task_name, task_feature_lengths=task_feature_lengths,
@@ -111,26 +175,62 @@ def train(
         with open(os.path.join(model_dir, "config.gin"), "w", encoding="utf-8") as f:
             f.write(config_str)
 
-    state = trainer.init_state()
-    logging.info("model: %s parameters; mesh %s; rules %s", f"{param_count(state.params):,}",
+    checkpointer = Checkpointer(model_dir, checkpoint)
+    state, start = _initial_state(trainer, checkpointer, train_batches, initial_checkpoint_path, assignment_map,
+                                  init_missing_params)
+    logging.info("%s: %s parameters; mesh %s; rules %s", start, f"{param_count(state.params):,}",
                  partitioner.axis_sizes, partitioner.rules)
     if peak_flops is None:
         compute_dtype = getattr(getattr(model, "config", None), "dtype", "float32")
         peak_flops = flops.host_peak_flops(compute_dtype)
         logging.info("measured matmul peak: %.3g FLOP/s (%s)", peak_flops, compute_dtype)
+
+    def save(step: int, current: TrainState, force: bool = False) -> None:
+        checkpointer.save(step, current, data_state=train_batches.get_state(), config_str=config_str, force=force)
+
+    def after_step(step: int, current: TrainState) -> None:
+        if stop.requested:
+            save(step, current, force=True)
+            checkpointer.wait()
+            raise Preempted(step, stop.requested)
+        save(step, current)
+
     writer = MetricsWriter(model_dir)
     try:
-        state = trainer.fit(state, train_batches, writer=writer, log_period=log_period,
-                            eval_batches_fn=eval_batches_fn, eval_period=eval_period, eval_steps=eval_steps,
-                            peak_flops=peak_flops)
+        with _StopOnSignals() as stop:
+            state = trainer.fit(state, train_batches, writer=writer, log_period=log_period,
+                                eval_batches_fn=eval_batches_fn, eval_period=eval_period, eval_steps=eval_steps,
+                                peak_flops=peak_flops, after_step=after_step)
+        save(int(jax.device_get(state.step)), state, force=True)
+        checkpointer.wait()
     finally:
         writer.close()
+        checkpointer.close()
     return trainer, state
 
 
+def initialize_distributed(args: Any) -> None:
+    """`jax.distributed.initialize` when asked: explicit flags, or `--multihost` to let JAX detect the
+    cluster (TPU pods, SLURM, Open MPI, Kubernetes). Must run before anything touches the devices."""
+    if args.coordinator_address:
+        if args.num_processes is None or args.process_id is None:
+            raise gin_utils.GinConfigError("--coordinator_address needs --num_processes and --process_id")
+        if args.cpu_collectives:
+            jax.config.update("jax_cpu_collectives_implementation", args.cpu_collectives)
+        jax.distributed.initialize(args.coordinator_address, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    elif args.multihost:
+        jax.distributed.initialize()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: parse gin flags, then call the gin-configured `train` (errors in the config exit with 2)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    """CLI: parse gin flags, then call the gin-configured `train`.
+
+    Exit codes: 2 for a bad configuration, 143 / 130 after a SIGTERM / SIGINT checkpoint.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout,
+                        force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and seqio log every file operation at INFO
     import gin
 
     # Under `python -m` this file runs as __main__; gin registered the importable module's function.
@@ -138,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         args = gin_utils.parse_flags(sys.argv[1:] if argv is None else argv)
+        initialize_distributed(args)
         gin_utils.parse(args.gin_file, args.gin_bindings, args.gin_search_paths.split(","))
         try:
             configured_train = gin.get_configurable(train_module.train)
@@ -149,6 +250,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except gin_utils.GinConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except train_module.Preempted as stopped:
+        logging.warning("%s", stopped)
+        sys.exit(143 if stopped.signal_name == "SIGTERM" else 130)
 
 
 if __name__ == "__main__":

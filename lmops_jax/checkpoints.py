@@ -1,0 +1,304 @@
+"""Orbax checkpoints: periodic async saves, exact resume, params-only restore with name mapping.
+
+Layout of a run's checkpoints (`MODEL_DIR/checkpoints/<step>/`), one Orbax CheckpointManager item each:
+  state/   the TrainState as a pytree {'step', 'params', 'opt_state'} (tensorstore, sharded writes)
+  data/    JSON: the data iterator position ({'batches_consumed': n}), so resume replays the next batch
+  config/  JSON: {'gin': the gin config text}, so a checkpoint rebuilds its own model
+
+Orbax writes a step into a temporary folder and renames it when complete, so a save killed midway never
+appears as a step; a finished step that fails to read (e.g. a truncated file) is reported and the
+previous step is used. Restores take target shardings, so a checkpoint saved on one mesh restores onto
+another without ever being gathered onto one device.
+
+`python -m lmops_jax.checkpoints inspect PATH` lists the steps and parameter shapes of a checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lmops_jax.train_state import TrainState
+
+CHECKPOINTS_SUBDIR = "checkpoints"
+STATE, DATA, CONFIG = "state", "data", "config"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot serve the request; the message names the path and keys."""
+
+
+def _state_to_tree(state: TrainState) -> dict:
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+
+
+def _manager(directory: str, *, period: int = 1, keep: int | None = None, keep_period: int | None = None,
+             async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=period, max_to_keep=keep, keep_period=keep_period, create=not read_only,
+        enable_async_checkpointing=async_save, read_only=read_only, cleanup_tmp_directories=not read_only)
+    handlers = {STATE: ocp.PyTreeCheckpointHandler(), DATA: ocp.JsonCheckpointHandler(),
+                CONFIG: ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
+
+
+def resolve(path: str) -> tuple[str, int | None]:
+    """(checkpoints folder, step or None for latest) from a MODEL_DIR, a checkpoints folder or a step folder."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, CHECKPOINTS_SUBDIR)):
+        return os.path.join(path, CHECKPOINTS_SUBDIR), None
+    base = os.path.basename(path.rstrip("/"))
+    if base.isdigit() and os.path.isdir(os.path.join(path, STATE)):
+        return os.path.dirname(path), int(base)
+    if os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path)):
+        return path, None
+    raise CheckpointError(f"no checkpoint at {path!r} (expected MODEL_DIR, MODEL_DIR/checkpoints or a step folder)")
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    """When to save and what to keep.
+
+    Attributes:
+      period: save every `period` steps (CHECKPOINT_PERIOD); the final step is always saved.
+      keep: keep the newest `keep` checkpoints (None keeps all).
+      keep_period: additionally keep every step that is a multiple of this (None: none extra).
+      async_save: write in a background thread while training continues.
+    """
+
+    period: int = 1000
+    keep: int | None = 3
+    keep_period: int | None = None
+    async_save: bool = True
+
+
+class Checkpointer:
+    """Saves and restores a run's train state, data position and gin config."""
+
+    def __init__(self, model_dir: str, config: CheckpointConfig | None = None):
+        self.config = config or CheckpointConfig()
+        self.directory = os.path.join(model_dir, CHECKPOINTS_SUBDIR)
+        self.manager = _manager(self.directory, period=self.config.period, keep=self.config.keep,
+                                keep_period=self.config.keep_period, async_save=self.config.async_save)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: TrainState, *, data_state: Mapping[str, Any] | None = None,
+             config_str: str | None = None, force: bool = False) -> bool:
+        """Saves when `step` is due (or `force`); returns whether a save started. Asynchronous."""
+        if step in self.manager.all_steps() or not (force or step % self.config.period == 0):
+            return False
+        args = ocp.args.Composite(**{
+            STATE: ocp.args.PyTreeSave(_state_to_tree(state)),
+            DATA: ocp.args.JsonSave(dict(data_state or {})),
+            CONFIG: ocp.args.JsonSave({"gin": config_str or ""}),
+        })
+        return self.manager.save(step, args=args, force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+    def restore_latest(self, abstract_state: TrainState, shardings: TrainState
+                       ) -> tuple[TrainState, dict, int] | None:
+        """The newest readable checkpoint as (state, data_state, step), or None if there is none.
+
+        A step that fails to read is logged and skipped, falling back to the one before; nothing is
+        deleted.
+        """
+        target = _state_to_tree(abstract_state)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target, _state_to_tree(shardings))
+        for step in reversed(self.all_steps()):
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(**{
+                    STATE: ocp.args.PyTreeRestore(item=target, restore_args=restore_args),
+                    DATA: ocp.args.JsonRestore()}))
+            except Exception as e:  # orbax/tensorstore raise many types for unreadable data
+                logging.error("checkpoint step %d in %s is unreadable (%s: %s); falling back to an earlier step",
+                              step, self.directory, type(e).__name__, str(e)[:300])
+                continue
+            tree = restored[STATE]
+            state = TrainState(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"])
+            return state, dict(restored[DATA] or {}), step
+        if self.all_steps():
+            raise CheckpointError(f"no readable checkpoint among steps {self.all_steps()} in {self.directory}")
+        return None
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict:
+    tree: dict = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def checkpoint_param_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{param path: (shape, dtype)} of a checkpoint's parameters, read from metadata only."""
+    directory, step = resolve(path)
+    manager = _manager(directory, read_only=True)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no complete checkpoint in {directory!r}")
+    meta = manager.item_metadata(step)[STATE]
+    tree = getattr(meta, "tree", meta)
+    return {name: (tuple(m.shape), str(m.dtype)) for name, m in _flatten(tree["params"]).items()}
+
+
+def read_config(path: str) -> str:
+    """The gin config text stored with a checkpoint (empty if it was saved without one)."""
+    directory, step = resolve(path)
+    manager = _manager(directory, read_only=True)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no complete checkpoint in {directory!r}")
+    return manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]["gin"]
+
+
+def map_names(checkpoint_names: Sequence[str], assignment_map: Sequence[tuple[str, str | None]]) -> dict[str, str]:
+    """{model name: checkpoint name}. Each checkpoint name goes through the first rule whose regex
+    matches it (`re.sub(regex, replacement)`; a None replacement drops the parameter); names that no
+    rule matches keep their name."""
+    rules = [(re.compile(pattern), repl) for pattern, repl in assignment_map]
+    mapped = {}
+    for name in checkpoint_names:
+        target = name
+        for pattern, repl in rules:
+            if pattern.search(name):
+                target = None if repl is None else pattern.sub(repl, name)
+                break
+        if target is not None:
+            mapped[target] = name
+    return mapped
+
+
+def restore_params(
+    path: str,
+    abstract_params: Any,
+    shardings: Any,
+    *,
+    assignment_map: Sequence[tuple[str, str | None]] = (),
+    init_missing: Callable[[], Any] | None = None,
+) -> Any:
+    """Parameters of the model from a checkpoint's params (step, optimizer state ignored).
+
+    Args:
+      path: MODEL_DIR, its checkpoints folder or a step folder (INITIAL_CHECKPOINT_PATH).
+      abstract_params: the model's parameter tree of ShapeDtypeStructs; restored arrays take these
+        dtypes (a float32 checkpoint loads into bfloat16 params by casting).
+      shardings: matching tree of NamedShardings; arrays are read directly into them.
+      assignment_map: regex rules from checkpoint names to model names (see `map_names`).
+      init_missing: returns freshly initialized params, used for model params the checkpoint lacks;
+        without it a missing param is an error.
+
+    Raises:
+      CheckpointError listing every parameter with mismatched shapes (both shapes) and every missing key.
+    """
+    directory, step = resolve(path)
+    manager = _manager(directory, read_only=True)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no complete checkpoint in {directory!r}")
+    meta_tree = manager.item_metadata(step)[STATE]
+    meta_tree = getattr(meta_tree, "tree", meta_tree)
+    ckpt = _flatten(meta_tree["params"])
+    model = _flatten(abstract_params)
+    model_shardings = _flatten(shardings)
+    to_ckpt = map_names(list(ckpt), assignment_map)
+    mismatched, missing = [], []
+    for name, target in model.items():
+        source = to_ckpt.get(name)
+        if source is None:
+            missing.append(name)
+        elif tuple(ckpt[source].shape) != tuple(target.shape):
+            mismatched.append(f"  {name}: checkpoint {source!r} has shape {tuple(ckpt[source].shape)}, "
+                              f"model expects {tuple(target.shape)}")
+    if mismatched or (missing and init_missing is None):
+        lines = [f"cannot restore params from {directory} step {step}:"] + mismatched
+        if missing and init_missing is None:
+            lines += [f"  missing in checkpoint: {name}" for name in missing]
+            lines.append("  (map names with an assignment map, or initialize missing params from scratch)")
+        raise CheckpointError("\n".join(lines))
+    wanted = {to_ckpt[name]: jax.ShapeDtypeStruct(ckpt[to_ckpt[name]].shape, ckpt[to_ckpt[name]].dtype,
+                                                  sharding=model_shardings[name])
+              for name in model if name not in missing}
+    target_tree = {"params": _unflatten(wanted)}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(
+        target_tree, jax.tree.map(lambda s: s.sharding, target_tree))
+    restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
+        item=target_tree, restore_args=restore_args, partial_restore=True)}))
+    loaded = _flatten(restored[STATE]["params"])
+    fresh = _flatten(init_missing()) if missing else {}
+    out = {}
+    for name, target in model.items():
+        value = fresh[name] if name in missing else loaded[to_ckpt[name]]
+        out[name] = value.astype(target.dtype) if value.dtype != target.dtype else value
+    if missing:
+        logging.info("initialized from scratch (not in checkpoint): %s", ", ".join(missing))
+    return _unflatten(out)
+
+
+def save_params(model_dir: str, params: Any, config_str: str, step: int = 0) -> str:
+    """Writes a params-only checkpoint (e.g. converted weights) readable by `restore_params`."""
+    manager = _manager(os.path.join(model_dir, CHECKPOINTS_SUBDIR), async_save=False)
+    manager.save(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.PyTreeSave({"step": np.int32(step), "params": params}),
+        DATA: ocp.args.JsonSave({}), CONFIG: ocp.args.JsonSave({"gin": config_str})}), force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return os.path.join(model_dir, CHECKPOINTS_SUBDIR, str(step))
+
+
+def inspect(path: str) -> str:
+    """Human-readable listing of a checkpoint's steps and parameter shapes."""
+    directory, _ = resolve(path)
+    steps = sorted(_manager(directory, read_only=True).all_steps())
+    lines = [f"checkpoints in {directory}: steps {steps}"]
+    shapes = checkpoint_param_shapes(path)
+    total = sum(int(np.prod(s)) for s, _ in shapes.values())
+    lines.append(f"parameters ({len(shapes)} arrays, {total:,} values):")
+    lines += [f"  {name:60s} {str(shape):20s} {dtype}" for name, (shape, dtype) in sorted(shapes.items())]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) != 2 or argv[0] != "inspect":
+        print("usage: python -m lmops_jax.checkpoints inspect PATH", file=sys.stderr)
+        return 2
+    try:
+        print(inspect(argv[1]))
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
