@@ -158,10 +158,11 @@ def train(
     batch_sharding = partitioner.data_sharding()
 
     def batches(split: str, shuffle: bool, data_seed: int):
-        dataset = pipeline.get_dataset(
-            mixture_or_task_name, task_feature_lengths, converter, global_batch_size=batch_size, split=split,
-            shuffle=shuffle, seed=data_seed)
-        return pipeline.GlobalBatchIterator(dataset, batch_sharding)
+        def dataset_fn():
+            return pipeline.get_dataset(
+                mixture_or_task_name, task_feature_lengths, converter, global_batch_size=batch_size,
+                split=split, shuffle=shuffle, seed=data_seed)
+        return pipeline.GlobalBatchIterator(dataset_fn, batch_sharding)
 
     train_batches = batches("train", True, seed)  # fails here, before any compile, on an unknown task
     eval_batches_fn = lambda: batches("validation", False, 0)  # noqa: E731  same batches every time
