@@ -147,7 +147,7 @@ def train(
     _check_required(model=model, model_dir=model_dir, train_steps=train_steps,
                     mixture_or_task_name=mixture_or_task_name, task_feature_lengths=task_feature_lengths,
                     batch_size=batch_size)
-    from lmops_jax.data import pipeline  # TensorFlow is imported only when data is needed
+    from lmops_jax.data import pipeline, tasks  # TensorFlow is imported only when data is needed
 
     for fn in setup_fns:
         fn()
@@ -186,6 +186,11 @@ def train(
         peak_flops = flops.host_peak_flops(compute_dtype)
         logging.info("measured matmul peak: %.3g FLOP/s (%s)", peak_flops, compute_dtype)
 
+    optimal_loss = tasks.known_optimal_loss(mixture_or_task_name, task_feature_lengths)
+    if optimal_loss is not None:
+        logging.info("optimal loss of %s at these lengths (the source's entropy): %.4f nats/token",
+                     mixture_or_task_name, optimal_loss)
+
     def save(step: int, current: TrainState, force: bool = False) -> None:
         checkpointer.save(step, current, data_state=train_batches.get_state(), config_str=config_str, force=force)
 
@@ -201,7 +206,7 @@ def train(
         with _StopOnSignals() as stop:
             state = trainer.fit(state, train_batches, writer=writer, log_period=log_period,
                                 eval_batches_fn=eval_batches_fn, eval_period=eval_period, eval_steps=eval_steps,
-                                peak_flops=peak_flops, after_step=after_step)
+                                peak_flops=peak_flops, after_step=after_step, optimal_loss=optimal_loss)
         save(int(jax.device_get(state.step)), state, force=True)
         checkpointer.wait()
     finally:

@@ -176,11 +176,13 @@ class Trainer:
         eval_steps: int = 1,
         peak_flops: float | None = None,
         after_step: Callable[[int, TrainState], None] | None = None,
+        optimal_loss: float | None = None,
     ) -> TrainState:
         """Runs steps until `num_train_steps`, logging every `log_period` steps and at the end.
 
         The host only waits on the device at log steps. Throughput excludes the first step (compile).
-        `after_step(step, state)` runs after every step (checkpointing hooks in here).
+        `after_step(step, state)` runs after every step (checkpointing hooks in here). With a known
+        `optimal_loss` (the data source's entropy), evaluations also report `eval/excess_loss`.
         """
         start_step = int(jax.device_get(state.step))
         tokens_per_step = self.batch_size * sum(self.task_feature_lengths.get(k, 0) for k in ("targets",))
@@ -216,6 +218,8 @@ class Trainer:
                 timer_start, timer_step = time.perf_counter(), step
             if eval_batches_fn is not None and ((eval_period and step % eval_period == 0) or last):
                 record.update(self.evaluate(state.params, eval_batches_fn(), eval_steps))
+                if optimal_loss is not None:
+                    record["eval/excess_loss"] = record["eval/loss"] - optimal_loss
             if record:
                 if writer is not None:
                     writer.write(step, record)
@@ -229,7 +233,7 @@ def format_log_line(step: int, total: int, record: Mapping[str, float]) -> str:
     bar = "#" * int(frac * 20) + "." * (20 - int(frac * 20))
     parts = [f"[{bar}] {frac:4.0%} step {step}/{total}"]
     for key in ("loss", "accuracy", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "eval/loss",
-                "eval/accuracy"):
+                "eval/accuracy", "eval/excess_loss"):
         if key in record:
             value = record[key]
             parts.append(f"{key} {value:.4g}" if key != "mfu" else f"mfu {100 * value:.2f}%")

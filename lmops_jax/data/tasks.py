@@ -187,6 +187,14 @@ def synthetic_optimal_loss(task_feature_lengths: Mapping[str, int], name: str = 
     return spec.source.optimal_loss(length)
 
 
+def known_optimal_loss(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int]) -> float | None:
+    """The loss floor of a task when it is known (synthetic LM tasks at valid lengths), else None."""
+    try:
+        return synthetic_optimal_loss(task_feature_lengths, mixture_or_task_name)
+    except ValueError:
+        return None
+
+
 def _resolve_files(files: str | Sequence[str] | None, default: Sequence[str], macro: str) -> list[str]:
     """Validates a path or list of paths (globs allowed); names the gin macro in every error."""
     if files is None:
