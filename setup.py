@@ -33,7 +33,7 @@ setuptools.setup(
     extras_require={
         "data": DATA,
         "peft": PEFT,
-        "t5": DATA + T5,
+        "t5": T5,  # install after [all]: it swaps seqio/tfds for the nightlies it pins
         "dev": DEV,
         "all": DATA + PEFT,
     },

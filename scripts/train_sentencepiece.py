@@ -51,8 +51,10 @@ def train_sentencepiece(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, help="text files, one sentence or paragraph a line")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="text files, one sentence or paragraph a line")
     parser.add_argument("--model_prefix", required=True, help="output path without extension")
     parser.add_argument("--vocab_size", type=int, required=True)
     parser.add_argument("--model_type", default="unigram", choices=["unigram", "bpe", "char", "word"])

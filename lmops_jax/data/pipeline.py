@@ -79,9 +79,10 @@ class GlobalBatchIterator:
     """Iterates per-process numpy batches as dicts of global `jax.Array`s, and records its position.
 
     `dataset` is a tf.data.Dataset or, for exact resume with shuffled pipelines, a function that builds
-    it (called again by `set_state`). `sharding` shards the batch dimension (e.g. `NamedSharding(mesh, P("data"))`); pass one sharding
-    for every feature or a mapping from feature name to sharding. Each process must feed its own
-    rows of the global batch, as `get_dataset` produces them.
+    it (called again by `set_state`). `sharding` shards the batch dimension (e.g.
+    `NamedSharding(mesh, P("data"))`); pass one sharding for every feature or a mapping from feature
+    name to sharding. Each process must feed its own rows of the global batch, as `get_dataset`
+    produces them.
 
     The state is the number of batches consumed. `set_state` rebuilds the tf.data iterator with
     `dataset.skip(n)`, which recomputes and discards n batches (tf.data cannot seek a preprocessing
@@ -107,7 +108,8 @@ class GlobalBatchIterator:
         if isinstance(self._sharding, Sharding):
             return self._sharding
         if name not in self._sharding:
-            raise ValueError(f"no sharding given for feature {name!r}; shardings cover {sorted(self._sharding)}")
+            raise ValueError(f"no sharding given for feature {name!r}; shardings cover "
+                             f"{sorted(self._sharding)}")
         return self._sharding[name]
 
     def __iter__(self) -> GlobalBatchIterator:
@@ -115,7 +117,8 @@ class GlobalBatchIterator:
 
     def __next__(self) -> dict[str, jax.Array]:
         local: dict[str, np.ndarray] = next(self._iterator)
-        batch = {name: jax.make_array_from_process_local_data(self._sharding_for(name), value)
+        # Copy out of TensorFlow-owned memory: on CPU, JAX may alias the host buffer it is given.
+        batch = {name: jax.make_array_from_process_local_data(self._sharding_for(name), np.array(value))
                  for name, value in local.items()}
         self.batches_consumed += 1
         return batch

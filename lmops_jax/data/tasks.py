@@ -37,7 +37,7 @@ DEFAULT_VALIDATION_FILES = (os.path.join(CORPUS_DIR, "validation.txt"),)
 # sharding (example i to process i % P) every global batch holds the same examples whatever the number
 # of processes: a 2-process run matches a 1-process run on the same mesh.
 _SYNTHETIC_SHUFFLE_BUFFER = 1
-_CHUNK = 64  # sequences sampled per numpy call
+_CHUNK = 64  # sequences sampled per tf.data map call
 
 
 def default_vocabulary() -> seqio.Vocabulary:
@@ -267,8 +267,10 @@ def register_synthetic_seq2seq(
                 [_CHUNK], length_seed, minval=min_length, maxval=max_length + 1, dtype=tf.int64)
             reversed_symbols = tf.reverse_sequence(symbols, lengths, seq_axis=1, batch_axis=0)
             start = tf.zeros_like(lengths)
-            return {"inputs": tf.strings.substr(_symbols_to_strings(source, symbols), start, lengths),
-                    "targets": tf.strings.substr(_symbols_to_strings(source, reversed_symbols), start, lengths)}
+            inputs = _symbols_to_strings(source, symbols)
+            targets = _symbols_to_strings(source, reversed_symbols)
+            return {"inputs": tf.strings.substr(inputs, start, lengths),
+                    "targets": tf.strings.substr(targets, start, lengths)}
 
         return _chunked_stream(make_chunk, _stream_seed(split, seed, train_seed, validation_seed))
 

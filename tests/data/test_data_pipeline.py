@@ -1,4 +1,8 @@
 """get_dataset and GlobalBatchIterator: shapes, shards, errors, global arrays and exact resume."""
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -68,3 +72,20 @@ def test_feature_mapping_sharding_must_cover_every_feature():
     it = pipeline.GlobalBatchIterator(_dataset(), {"decoder_target_tokens": NamedSharding(mesh, P("data"))})
     with pytest.raises(ValueError, match="no sharding given for feature"):
         next(it)
+
+
+def test_live_iterators_do_not_block_interpreter_exit():
+    """Python code inside tf.data (from_generator) hung exit while a prefetching iterator was alive."""
+    code = """import seqio
+from lmops_jax.data import pipeline
+lm = pipeline.get_dataset("synthetic_lm", {"targets": 16}, seqio.DecoderFeatureConverter(),
+                          global_batch_size=4)
+s2s = pipeline.get_dataset("synthetic_seq2seq", {"inputs": 16, "targets": 16},
+                           seqio.EncDecFeatureConverter(), global_batch_size=4)
+iterators = [lm.as_numpy_iterator(), s2s.as_numpy_iterator()]
+print([len(next(it)) for it in iterators])
+"""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+                            env=dict(os.environ, PYTHONPATH=root))
+    assert result.returncode == 0 and "[5, 8]" in result.stdout, result.stderr[-2000:]

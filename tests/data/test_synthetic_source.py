@@ -62,7 +62,8 @@ def test_sampling_is_deterministic_and_strings_use_the_alphabet():
     np.testing.assert_array_equal(x, source.sample(np.random.default_rng(1), 4, 30))
     assert not np.array_equal(x, source.sample(np.random.default_rng(2), 4, 30))
     strings = source.to_strings(x)
-    assert len(strings) == 4 and all(len(s) == 30 and set(s.decode()) <= set(source.alphabet) for s in strings)
+    assert len(strings) == 4
+    assert all(len(s) == 30 and set(s.decode()) <= set(source.alphabet) for s in strings)
     assert source.sample(np.random.default_rng(0), 3, 1).shape == (3, 1)
 
 
