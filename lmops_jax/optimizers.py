@@ -60,7 +60,7 @@ def make_schedule(
         after = optax.cosine_decay_schedule(peak_value, decay_steps, alpha=end_value_factor)
     else:
         offset = max(warmup_steps, 1)
-        after = lambda step: peak_value * jnp.sqrt(offset / (step + offset))  # noqa: E731
+        after = lambda step: peak_value * jnp.sqrt(offset / (jnp.maximum(step, 0) + offset))  # noqa: E731
     if warmup_steps == 0:
         return after
     warmup = optax.linear_schedule(0.0, peak_value, warmup_steps)
