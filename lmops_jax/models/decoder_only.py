@@ -10,6 +10,14 @@ Parameter names and layouts follow Hugging Face `LlamaForCausalLM` one-to-one, t
     layers_i/mlp/{gate,up}_proj/kernel [D, F], down_proj/kernel [F, D]
     layers_i/{input,post_attention}_layernorm/scale [D];  norm/scale [D]
     lm_head/kernel                  [D, V]        lm_head.weight.T (absent when tied)
+
+KV-cache decoding (`decode=True`, apply with `mutable=["cache"]`): the `cache` collection holds
+`cache_index` int32 [B], the number of positions written so far per example, and in every layer
+`self_attn/cached_key` / `cached_value` [B, K, Dh, S] (see `layers.Attention`). A call with tokens
+[B, L] places them at positions cache_index + 0..L-1 and advances cache_index by `lengths` [B] (default
+L). Ragged prompts are right-padded: the prefill passes the padded prompts with their true lengths,
+so each example's next token goes right after its own last real token (its padding slots are
+overwritten before they could be attended to). `init_cache`, `decode_step` wrap this.
 """
 from __future__ import annotations
 
@@ -57,14 +65,15 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, mask, positions):
+    def __call__(self, x, mask, positions, decode: bool = False):
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         norm = lambda name: layers.RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name=name)  # noqa: E731
         h = layers.Attention(
             cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, use_rope=True, rope_theta=cfg.rope_theta,
             dtype=dtype, param_dtype=param_dtype, name="self_attn",
-        )(norm("input_layernorm")(x), mask=mask, query_positions=positions, key_positions=positions)
+        )(norm("input_layernorm")(x), mask=mask, query_positions=positions, key_positions=positions,
+          decode=decode)
         x = layers.constrain(x + h, ("batch", "length", "act_embed"))
         h = layers.GatedMLP(cfg.mlp_dim, "silu", dtype, param_dtype, name="mlp")(norm("post_attention_layernorm")(x))
         return layers.constrain(x + h, ("batch", "length", "act_embed"))
@@ -75,28 +84,40 @@ class LlamaDecoder(nn.Module):
 
     `segment_ids` [B, L] (0 = padding) keep packed sequences from attending to each other and
     `positions` [B, L] restart at 0 in each packed sequence; both default to a single unpacked sequence.
+    With `decode=True` the call extends the KV cache (module docstring); `lengths` [B] counts the real
+    (non-padding) tokens of each row, positions come from the cache and packing is not supported.
     """
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, *, decode: bool = False, lengths=None):
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         batch, length = tokens.shape
+        if decode:
+            if positions is not None or segment_ids is not None:
+                raise ValueError("LlamaDecoder(decode=True) takes no positions or segment_ids: positions come "
+                                 "from the cache and packed rows cannot be decoded")
+            index = self.variable("cache", "cache_index", lambda: jnp.zeros((batch,), jnp.int32))
+            positions = index.value[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+            index.value = index.value + (length if lengths is None else jnp.asarray(lengths, jnp.int32))
+        elif lengths is not None:
+            raise ValueError("LlamaDecoder: lengths is only used with decode=True")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
         embed_std = cfg.d_model ** -0.5 if cfg.tie_embeddings else 1.0
         embed = layers.Embed(cfg.vocab_size, cfg.d_model, dtype, param_dtype,
                              nn.initializers.normal(stddev=embed_std), name="embed_tokens")
         x = layers.constrain(embed(tokens), ("batch", "length", "act_embed"))
-        mask = layers.make_attention_mask(
+        mask = None if decode else layers.make_attention_mask(
             segment_ids, segment_ids, query_length=length, key_length=length, causal=True,
             query_positions=positions if segment_ids is not None else None,
             key_positions=positions if segment_ids is not None else None)
-        layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
+        layer_cls = nn.remat(DecoderLayer) if cfg.remat and not decode else DecoderLayer
         for i in range(cfg.num_layers):
-            x = layer_cls(cfg, name=f"layers_{i}")(x, mask, positions)
+            # decode is passed only when set: nn.remat (training) would trace a bool argument.
+            x = layer_cls(cfg, name=f"layers_{i}")(x, mask, positions, *((True,) if decode else ()))
         x = layers.RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="norm")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
@@ -104,6 +125,26 @@ class LlamaDecoder(nn.Module):
             logits = layers.DenseGeneral((cfg.d_model,), (cfg.vocab_size,), ("embed",), ("vocab",), dtype,
                                          param_dtype, name="lm_head")(x)
         return layers.constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def init_cache(cfg: LlamaConfig, batch_size: int, cache_length: int) -> dict:
+    """An empty KV cache (zeros, cache_index 0) for `batch_size` rows of up to `cache_length` positions."""
+    def shapes():
+        tokens = jnp.zeros((batch_size, cache_length), jnp.int32)
+        return LlamaDecoder(cfg).init(jax.random.key(0), tokens, decode=True)["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(shapes))
+
+
+def decode_step(cfg: LlamaConfig, params, cache: dict, tokens: jax.Array,
+                lengths: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Feeds tokens [B, L] through the cache: (logits [B, L, V], updated cache).
+
+    A prefill passes the right-padded prompts and their `lengths` [B]; a generation step passes one
+    token per row (L = 1).
+    """
+    logits, variables = LlamaDecoder(cfg).apply({"params": params, "cache": cache}, tokens, decode=True,
+                                                lengths=lengths, mutable=["cache"])
+    return logits, variables["cache"]
 
 
 def matmul_params_per_token(cfg: LlamaConfig) -> int:

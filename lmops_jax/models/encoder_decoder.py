@@ -29,6 +29,16 @@ Packing: segment ids (0 = padding) keep packed examples apart in self- and cross
 relative positions are taken from the given positions, so a packed row scores each example exactly
 as it would alone. Without segment ids, encoder token 0 is padding (masked as a key); decoder inputs
 are never masked by id because 0 is also T5's decoder start token.
+
+KV-cache decoding (`T5EncoderDecoder.decode(..., decode=True)`, apply with `mutable=["cache"]`): the
+encoder runs once; the first decode call (the prefill) gets its outputs and stores, per decoder layer,
+the cross-attention keys/values `cross_attn/cached_key|cached_value` [B, H, Dh, Le], and in
+`decoder/encoder_valid` [B, Le] which encoder positions are real tokens; later calls pass
+`encoded=None` and reuse them. The decoder self-attention caches `self_attn/cached_key|cached_value`
+[B, H, Dh, S] with `decoder/cache_index` [B] (positions written per example), exactly as in
+`decoder_only`: right-padded ragged decoder prefixes pass their `decoder_lengths`. The causal relative
+position bias is computed over the cache slots from those positions. `init_cache`, `encode` and
+`decode_step` wrap this.
 """
 from __future__ import annotations
 
@@ -142,12 +152,18 @@ class DecoderLayer(nn.Module):
     config: T5Config
 
     @nn.compact
-    def __call__(self, y: jax.Array, encoded: jax.Array, self_mask: jax.Array, self_bias: jax.Array,
-                 cross_mask: jax.Array | None) -> jax.Array:
+    def __call__(self, y: jax.Array, encoded: jax.Array | None, self_mask: jax.Array | None,
+                 self_bias: jax.Array | None, cross_mask: jax.Array | None, decode: bool = False,
+                 positions: jax.Array | None = None, bias_fn=None) -> jax.Array:
+        """In decode mode `positions` [B, Ld] are the cache positions, `bias_fn` the shared relpos bias,
+        and `encoded` is None after the prefill (cross keys/values come from the cache)."""
         cfg = self.config
-        h = _attention(cfg, "self_attn")(_norm(cfg, "self_attn_norm")(y), mask=self_mask, bias=self_bias)
+        h = _attention(cfg, "self_attn")(_norm(cfg, "self_attn_norm")(y), mask=self_mask, bias=self_bias,
+                                         decode=decode, query_positions=positions if decode else None,
+                                         bias_fn=bias_fn)
         y = layers.constrain(y + h, _ACT)
-        h = _attention(cfg, "cross_attn")(_norm(cfg, "cross_attn_norm")(y), encoded, mask=cross_mask)
+        h = _attention(cfg, "cross_attn")(_norm(cfg, "cross_attn_norm")(y), encoded, mask=cross_mask,
+                                          decode=decode, cross_attention=decode)
         y = layers.constrain(y + h, _ACT)
         h = _mlp(cfg)(_norm(cfg, "mlp_norm")(y))
         return layers.constrain(y + h, _ACT)
@@ -175,14 +191,40 @@ class T5Decoder(nn.Module):
     config: T5Config
 
     @nn.compact
-    def __call__(self, y: jax.Array, encoded: jax.Array, self_mask: jax.Array, cross_mask: jax.Array | None,
-                 positions: jax.Array | None) -> jax.Array:
+    def __call__(self, y: jax.Array, encoded: jax.Array | None, self_mask: jax.Array | None,
+                 cross_mask: jax.Array | None, positions: jax.Array | None, *, decode: bool = False,
+                 lengths: jax.Array | None = None, encoder_valid: jax.Array | None = None) -> jax.Array:
+        """Decode mode (module docstring): `lengths` [B] real tokens per row of y, `encoder_valid` [B, Le]
+        with the prefill's `encoded`; masks and positions come from the cache."""
         cfg = self.config
+        if decode:
+            return self._decode(y, encoded, lengths, encoder_valid)
         pos = _positions(positions, y.shape[1])
         bias = _relpos_bias(cfg, bidirectional=False)(pos, pos)
         layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
         for i in range(cfg.num_decoder_layers):
             y = layer_cls(cfg, name=f"layers_{i}")(y, encoded, self_mask, bias, cross_mask)
+        return layers.constrain(_norm(cfg, "final_norm")(y), _ACT)
+
+    def _decode(self, y, encoded, lengths, encoder_valid):
+        cfg = self.config
+        batch, length = y.shape[:2]
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((batch,), jnp.int32))
+        positions = index.value[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+        index.value = index.value + (length if lengths is None else jnp.asarray(lengths, jnp.int32))
+        if encoded is not None:
+            if encoder_valid is None:
+                raise ValueError("T5Decoder(decode=True): the prefill needs encoder_valid [B, Le] with encoded")
+            valid = self.variable("cache", "encoder_valid", jnp.zeros, encoder_valid.shape, jnp.bool_)
+            valid.value = encoder_valid.astype(jnp.bool_)
+        elif not self.has_variable("cache", "encoder_valid"):
+            raise ValueError("T5Decoder(decode=True): the first (prefill) call must pass the encoder outputs")
+        else:
+            valid = self.variable("cache", "encoder_valid")
+        cross_mask = valid.value[:, None, None, :]
+        relpos = _relpos_bias(cfg, bidirectional=False)
+        for i in range(cfg.num_decoder_layers):
+            y = DecoderLayer(cfg, name=f"layers_{i}")(y, encoded, None, None, cross_mask, True, positions, relpos)
         return layers.constrain(_norm(cfg, "final_norm")(y), _ACT)
 
 
@@ -221,15 +263,29 @@ class T5EncoderDecoder(nn.Module):
         x = layers.constrain(self.shared(encoder_input_tokens), _ACT)
         return self.encoder(x, mask, encoder_positions)
 
-    def decode(self, encoded: jax.Array, encoder_input_tokens: jax.Array, decoder_input_tokens: jax.Array,
-               encoder_segment_ids: jax.Array | None = None, decoder_segment_ids: jax.Array | None = None,
-               decoder_positions: jax.Array | None = None) -> jax.Array:
+    def decode(self, encoded: jax.Array | None, encoder_input_tokens: jax.Array | None,
+               decoder_input_tokens: jax.Array, encoder_segment_ids: jax.Array | None = None,
+               decoder_segment_ids: jax.Array | None = None, decoder_positions: jax.Array | None = None, *,
+               decode: bool = False, decoder_lengths: jax.Array | None = None) -> jax.Array:
         """encoded [B, Le, D] and decoder_input_tokens [B, Ld] -> logits [B, Ld, V].
 
         encoder_input_tokens [B, Le] give the padding mask of the cross-attention keys; with both
         segment ids given, cross-attention instead pairs equal nonzero segments. The decoder
         self-attention is causal (over `decoder_positions` when packed) within each segment.
+
+        `decode=True` extends the KV cache (module docstring): the prefill passes `encoded` and
+        `encoder_input_tokens`, later steps None for both; `decoder_lengths` [B] counts the real tokens
+        of each right-padded row of decoder_input_tokens. Packing is not supported there.
         """
+        if decode:
+            if encoder_segment_ids is not None or decoder_segment_ids is not None or decoder_positions is not None:
+                raise ValueError("T5EncoderDecoder.decode(decode=True) takes no segment ids or positions")
+            if encoded is not None and encoder_input_tokens is None:
+                raise ValueError("T5EncoderDecoder.decode(decode=True): encoded needs encoder_input_tokens")
+            valid = None if encoded is None else _not_padding(encoder_input_tokens)
+            y = layers.constrain(self.shared(decoder_input_tokens), _ACT)
+            y = self.decoder(y, encoded, None, None, None, decode=True, lengths=decoder_lengths, encoder_valid=valid)
+            return layers.constrain(self.lm_head(y), ("batch", "length", "act_vocab"))
         enc_len, dec_len = encoder_input_tokens.shape[1], decoder_input_tokens.shape[1]
         packed = decoder_segment_ids is not None
         self_mask = layers.make_attention_mask(
@@ -254,6 +310,36 @@ class T5EncoderDecoder(nn.Module):
         encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions)
         return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
                            decoder_segment_ids, decoder_positions)
+
+
+def init_cache(cfg: T5Config, batch_size: int, encoder_length: int, cache_length: int) -> dict:
+    """An empty decoding cache for `batch_size` rows: encoder inputs of `encoder_length` tokens and up
+    to `cache_length` decoder positions."""
+    def shapes():
+        enc = jnp.ones((batch_size, encoder_length), jnp.int32)
+        dec = jnp.zeros((batch_size, cache_length), jnp.int32)
+        return T5EncoderDecoder(cfg).init(
+            jax.random.key(0), enc, dec, method=lambda m, e, d: m.decode(m.encode(e), e, d, decode=True))["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(shapes))
+
+
+def encode(cfg: T5Config, params, encoder_input_tokens: jax.Array) -> jax.Array:
+    """encoder_input_tokens [B, Le] (0 = padding) -> encoded [B, Le, D]."""
+    return T5EncoderDecoder(cfg).apply({"params": params}, encoder_input_tokens, method="encode")
+
+
+def decode_step(cfg: T5Config, params, cache: dict, decoder_tokens: jax.Array, *, encoded: jax.Array | None = None,
+                encoder_input_tokens: jax.Array | None = None,
+                lengths: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Feeds decoder tokens [B, L] through the cache: (logits [B, L, V], updated cache).
+
+    The prefill passes `encoded` [B, Le, D] and `encoder_input_tokens` [B, Le] (stored in the cache)
+    and the right-padded decoder prefixes with their `lengths` [B]; later steps one token per row.
+    """
+    logits, variables = T5EncoderDecoder(cfg).apply(
+        {"params": params, "cache": cache}, encoded, encoder_input_tokens, decoder_tokens, decode=True,
+        decoder_lengths=lengths, method="decode", mutable=["cache"])
+    return logits, variables["cache"]
 
 
 def scale_query_init(params, head_dim: int):

@@ -200,11 +200,61 @@ def dot_product_attention(
     return out.reshape(b, q_len, num_heads, head_dim)
 
 
+def cached_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    bias: jax.Array | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """`dot_product_attention` over a KV cache laid out [B, K, Dh, S] (positions last).
+
+    query [B, L, H, Dh]; key / value [B, K, Dh, S]; mask [B|1, 1|H, L, S]; bias [B|1, H, L, S]; returns
+    [B, L, H, Dh]. [K, Dh, S] is the operand layout XLA:CPU's batched matmul takes for both products
+    (scores and values), so the cache is multiplied where it lies: with [B, S, K, Dh] XLA transposes
+    the whole cache of every layer at every decoding step.
+    """
+    b, q_len, num_heads, head_dim = query.shape
+    num_kv, cache_len = key.shape[1], key.shape[3]
+    if num_heads % num_kv:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv}")
+    groups = num_heads // num_kv
+    if scale is None:
+        scale = head_dim ** -0.5
+    q = query.reshape(b, q_len, num_kv, groups, head_dim)
+    scores = jnp.einsum("bkds,blkgd->bkgls", key, q, preferred_element_type=jnp.float32) * scale
+    scores = scores.reshape(b, num_heads, q_len, cache_len)
+    if bias is not None:
+        scores = scores + bias.astype(jnp.float32)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+    probs = probs.reshape(b, num_kv, groups, q_len, cache_len)
+    out = jnp.einsum("bkgls,bkds->blkgd", probs, value)
+    return out.reshape(b, q_len, num_heads, head_dim)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads, optional rotary embeddings, no biases.
 
     Self-attention when `inputs_kv is None`. Projections: q [D, H, Dh], k/v [D, K, Dh], o [H, Dh, D], the
     Hugging Face head split (output feature h * Dh + d) after a transpose and reshape.
+
+    KV-cache decoding (`decode=True`) keeps keys and values in the flax `cache` collection (apply with
+    `mutable=["cache"]`), laid out [B, K, Dh, S] (see `cached_attention`):
+
+    - self-attention: `cached_key` / `cached_value` (keys after rotary embedding). Each call writes
+      its L new keys/values at the absolute positions `query_positions` [B, L] (per example, so ragged
+      batches decode in lock step) and attends over all S slots with the mask key_position <=
+      query_position. Slots past an example's last written position are never visible; a
+      right-padded prefill writes its padding there, and the following steps overwrite it before it
+      could be seen. Positions must be < S. The first call (at `init`) creates the cache with S = L.
+      `bias_fn(query_positions [B, L], key_positions [1, S]) -> [B|1, H, L, S]` gives a position bias
+      over the cache (T5); `bias` is not used in this mode.
+    - cross-attention (`cross_attention=True`): with `inputs_kv` [B, Le, D] the projected keys and
+      values are computed once and stored in `cached_key` / `cached_value` [B, K, Dh, Le]; with
+      `inputs_kv=None` the stored ones are used. `mask` is the caller's cross mask.
     """
 
     num_heads: int
@@ -227,30 +277,91 @@ class Attention(nn.Module):
         bias: jax.Array | None = None,
         query_positions: jax.Array | None = None,
         key_positions: jax.Array | None = None,
+        decode: bool = False,
+        cross_attention: bool = False,
+        bias_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
     ) -> jax.Array:
         d_model = inputs_q.shape[-1]
-        inputs_kv = inputs_q if inputs_kv is None else inputs_kv
         dense = lambda out_shape, out_axes, name: DenseGeneral(  # noqa: E731
             (d_model,), out_shape, ("embed",), out_axes, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=self.kernel_init, name=name)
-        q = dense((self.num_heads, self.head_dim), ("heads", "head_dim"), "q_proj")(inputs_q)
-        k = dense((self.num_kv_heads, self.head_dim), ("kv_heads", "head_dim"), "k_proj")(inputs_kv)
-        v = dense((self.num_kv_heads, self.head_dim), ("kv_heads", "head_dim"), "v_proj")(inputs_kv)
-        q = constrain(q, ("batch", "length", "act_heads", None))
-        k = constrain(k, ("batch", "length", "act_kv_heads", None))
-        v = constrain(v, ("batch", "length", "act_kv_heads", None))
-        if self.use_rope:
+        q_proj = dense((self.num_heads, self.head_dim), ("heads", "head_dim"), "q_proj")
+        k_proj = dense((self.num_kv_heads, self.head_dim), ("kv_heads", "head_dim"), "k_proj")
+        v_proj = dense((self.num_kv_heads, self.head_dim), ("kv_heads", "head_dim"), "v_proj")
+        q = constrain(q_proj(inputs_q), ("batch", "length", "act_heads", None))
+        kv_axes = ("batch", "length", "act_kv_heads", None)
+        if decode and cross_attention:
+            k, v = self._cross_kv(inputs_kv, k_proj, v_proj)
+            out = cached_attention(q, k, v, mask, bias, self.scale)
+        elif decode:
+            if inputs_kv is not None:
+                raise ValueError("Attention(decode=True): self-attention takes no inputs_kv; pass "
+                                 "cross_attention=True for cached cross-attention")
             if query_positions is None:
-                query_positions = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
-            if key_positions is None:
-                key_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
-            q = rotary_embedding(q, query_positions, self.rope_theta)
-            k = rotary_embedding(k, key_positions, self.rope_theta)
-        out = dot_product_attention(q, k, v, mask, bias, self.scale)
+                raise ValueError("Attention(decode=True) needs query_positions [B, L]: where the new keys go")
+            k = constrain(k_proj(inputs_q), kv_axes)
+            v = constrain(v_proj(inputs_q), kv_axes)
+            if self.use_rope:
+                q = rotary_embedding(q, query_positions, self.rope_theta)
+                k = rotary_embedding(k, query_positions, self.rope_theta)
+            k, v, mask, bias = self._update_cache(k, v, query_positions, mask, bias_fn)
+            out = cached_attention(q, k, v, mask, bias, self.scale)
+        else:
+            inputs_kv = inputs_q if inputs_kv is None else inputs_kv
+            k = constrain(k_proj(inputs_kv), kv_axes)
+            v = constrain(v_proj(inputs_kv), kv_axes)
+            if self.use_rope:
+                if query_positions is None:
+                    query_positions = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
+                if key_positions is None:
+                    key_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
+                q = rotary_embedding(q, query_positions, self.rope_theta)
+                k = rotary_embedding(k, key_positions, self.rope_theta)
+            out = dot_product_attention(q, k, v, mask, bias, self.scale)
         out = constrain(out, ("batch", "length", "act_heads", None))
         return DenseGeneral(
             (self.num_heads, self.head_dim), (d_model,), ("heads", "head_dim"), ("embed",), dtype=self.dtype,
             param_dtype=self.param_dtype, kernel_init=self.kernel_init, name="o_proj")(out)
+
+    def _update_cache(self, k, v, positions, mask, bias_fn):
+        """Writes k/v [B, L, K, Dh] at positions [B, L]; returns the cache's (k, v, mask, bias)."""
+        batch, length, num_kv, head_dim = k.shape
+        shape = (batch, num_kv, head_dim, length)  # at init, L is the cache length
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
+        positions = positions.astype(jnp.int32)
+        rows = jnp.arange(batch)[:, None, None]
+        heads = jnp.arange(num_kv)[None, None, :]
+        # Indices [B, L, K] of [Dh] vectors each, so the updates are k as it is; one index per head keeps
+        # XLA from turning a batch-1 write into a dynamic-update-slice, which it then copies the cache for.
+        cached_key.value = cached_key.value.at[rows, heads, :, positions[:, :, None]].set(
+            k.astype(cached_key.value.dtype), mode="drop")
+        cached_value.value = cached_value.value.at[rows, heads, :, positions[:, :, None]].set(
+            v.astype(cached_value.value.dtype), mode="drop")
+        cache_length = cached_key.value.shape[3]
+        key_positions = jnp.arange(cache_length, dtype=jnp.int32)[None, :]
+        visible = (key_positions[:, None, :] <= positions[:, :, None])[:, None]  # [B, 1, L, S]
+        mask = visible if mask is None else mask & visible
+        bias = None if bias_fn is None else bias_fn(positions, key_positions)
+        kv_axes = ("batch", "act_kv_heads", None, None)
+        return constrain(cached_key.value, kv_axes), constrain(cached_value.value, kv_axes), mask, bias
+
+    def _cross_kv(self, inputs_kv, k_proj, v_proj):
+        """Cross-attention keys/values: projected from inputs_kv and cached, or read from the cache."""
+        if inputs_kv is None:
+            if not self.has_variable("cache", "cached_key"):
+                raise ValueError("Attention(decode=True, cross_attention=True): no cached keys yet; the first "
+                                 "(prefill) call must pass the encoder outputs as inputs_kv")
+            cached_key = self.variable("cache", "cached_key")
+            cached_value = self.variable("cache", "cached_value")
+            return cached_key.value, cached_value.value
+        kv_axes = ("batch", "act_kv_heads", None, "length")
+        k = constrain(jnp.transpose(k_proj(inputs_kv), (0, 2, 3, 1)), kv_axes)  # [B, K, Dh, Le]
+        v = constrain(jnp.transpose(v_proj(inputs_kv), (0, 2, 3, 1)), kv_axes)
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        cached_key.value, cached_value.value = k, v
+        return k, v
 
 
 class GatedMLP(nn.Module):

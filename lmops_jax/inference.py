@@ -1,0 +1,494 @@
+"""Decode-only inference: `InferenceModule` turns a model and its params into generate / score / logits.
+
+    module = InferenceModule.from_checkpoint("/tmp/run", dtype="bfloat16")
+    out = module.generate(["The cat"], max_new_tokens=32, method="sample", top_p=0.9, seed=1)
+    out.texts, out.tokens, out.log_probs
+
+Prompts. Strings are tokenized with the vocabulary (the checkpoint task's, else `seqio.ByteVocabulary`);
+int token lists / arrays are used as given. Decoder-only prompts get `bos_id` (default 0) prepended,
+because `seqio.DecoderFeatureConverter` shifts targets right with 0, so models trained here saw 0
+before every sequence. Encoder-decoder string prompts get EOS appended as seqio tasks do, and the
+decoder starts from token 0.
+
+Batching and the KV cache. Prompts of a batch are right-padded; each example's true length goes to
+the prefill, which writes the whole padded prompt into the cache (`decoder_only.decode_step`) and
+takes the first-token logits at the example's own last position. Every later step writes one token
+per example at its own position, so examples of different lengths decode in one batch with exact
+positions (see `decoder_only` and `layers.Attention`). One jit holds the prefill and the
+`lax.while_loop` of `decoding.generate` / `beam_search.beam_search`.
+
+Compilation. Batch sizes round up to a power of two (and a multiple of the batch shards) and lengths
+to a power of two >= `min_length_bucket` (at most max_length), padding with dummy rows, so a stream of
+requests of varying sizes compiles once per bucket. `max_new_tokens`, method, top_k, num_beams,
+num_decodes and eos_id are static (part of the compile key); temperature, top_p, length_penalty and
+the seed are not. `trace_counts` counts traces per function.
+
+Multi-process. With a mesh that spans processes, every process calls the same methods in the same
+order with its own prompts (possibly none); buckets are agreed across processes and each process
+gets back the results for its own rows.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import numbers
+from typing import Any, Iterator, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from lmops_jax import beam_search as beam_lib
+from lmops_jax import checkpoints, decoding
+from lmops_jax.models import decoder_only, encoder_decoder
+from lmops_jax.models.model import BaseModel, DecoderOnlyModel, EncoderDecoderModel
+from lmops_jax.partitioning import Partitioner
+
+METHODS = ("greedy", "sample", "beam")
+DTYPES = ("float32", "bfloat16")
+DEFAULT_MAX_LENGTH = 2048
+Tokens = Sequence[Sequence[int]] | np.ndarray
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """Result of `InferenceModule.generate`.
+
+    Attributes:
+      tokens: N rows of new tokens (EOS included when emitted). N = prompts * num_decodes for greedy
+        and sampling (row b * num_decodes + i is decode i of prompt b); one row per prompt, the best
+        hypothesis, for beam search.
+      log_probs: float32 [N], summed log-probabilities of the rows under the model.
+      scores: float32 [N]: the length-penalized beam score for beam search, else log_probs.
+      texts: the rows detokenized (up to EOS) when the prompts were strings, else None.
+      beam_tokens: beam search only: per prompt, all num_beams hypotheses, best first.
+      beam_scores: beam search only: float32 [prompts, num_beams], sorted descending.
+    """
+
+    tokens: list[list[int]]
+    log_probs: np.ndarray
+    scores: np.ndarray
+    texts: list[str] | None = None
+    beam_tokens: list[list[list[int]]] | None = None
+    beam_scores: np.ndarray | None = None
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@contextlib.contextmanager
+def isolated_gin() -> Iterator[None]:
+    """Runs the body on an empty global gin config, then restores the previous one exactly.
+
+    gin has one global config; a CLI that already parsed its own flags can so read another config
+    (a checkpoint's) without losing them. Uses gin's module-level state, which has no public API.
+    """
+    import gin
+    import gin.config as gin_config
+    saved = ({k: dict(v) for k, v in gin_config._CONFIG.items()}, set(gin_config._IMPORTS),
+             dict(gin_config._SINGLETONS), dict(gin_config._OPERATIVE_CONFIG), gin_config._CONFIG_IS_LOCKED)
+    gin.clear_config()
+    try:
+        yield
+    finally:
+        gin.clear_config()
+        gin_config._CONFIG.update(saved[0])
+        gin_config._IMPORTS.update(saved[1])
+        gin_config._SINGLETONS.update(saved[2])
+        gin_config._OPERATIVE_CONFIG.update(saved[3])
+        gin_config._set_config_is_locked(saved[4])
+
+
+def model_from_gin(config_text: str, source: str = "<gin config>") -> tuple[BaseModel, str | None]:
+    """(the `MODEL` macro's object, the `MIXTURE_OR_TASK_NAME` macro or None) of a gin config text."""
+    import gin
+    with isolated_gin():
+        try:
+            gin.parse_config(config_text)
+        except Exception as e:  # gin raises many types, with the location in the message
+            raise checkpoints.CheckpointError(f"cannot parse the gin config stored with {source}: {e}") from e
+        try:
+            ref = gin.query_parameter("MODEL/gin.macro.value")
+        except ValueError as e:
+            raise checkpoints.CheckpointError(f"the gin config stored with {source} defines no MODEL macro") from e
+        model = ref.scoped_configurable_fn() if isinstance(ref, gin.config.ConfigurableReference) else ref
+        try:
+            task = gin.query_parameter("MIXTURE_OR_TASK_NAME/gin.macro.value")
+        except ValueError:
+            task = None
+    if not isinstance(model, BaseModel):
+        raise checkpoints.CheckpointError(f"MODEL in the gin config stored with {source} is {model!r}, not a model")
+    return model, task if isinstance(task, str) else None
+
+
+def task_vocabulary(task_name: str | None):
+    """The 'targets' vocabulary of a registered seqio task or mixture, else `seqio.ByteVocabulary()`."""
+    import seqio
+    from lmops_jax.data import tasks  # noqa: F401  registers the built-in tasks
+    if task_name:
+        try:
+            return seqio.get_mixture_or_task(task_name).output_features["targets"].vocabulary
+        except (ValueError, KeyError):
+            logging.warning("task %r is not registered here; using seqio.ByteVocabulary()", task_name)
+    return seqio.ByteVocabulary()
+
+
+def _with_dtype(model: BaseModel, dtype: str | None) -> BaseModel:
+    if dtype is None:
+        return model
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be None or one of {DTYPES}, got {dtype!r}")
+    config = dataclasses.replace(model.config, dtype=dtype, param_dtype=dtype)
+    return dataclasses.replace(model, config=config)
+
+
+def param_shardings(model: BaseModel, partitioner: Partitioner) -> tuple[Any, Any]:
+    """(abstract unboxed params, their NamedShardings) of `model` under the partitioner's rules."""
+    shapes = model.input_shapes(1, {"inputs": 8, "targets": 8})
+    boxed = jax.eval_shape(lambda: model.init_params(jax.random.key(0), shapes))
+    return nn.meta.unbox(boxed), partitioner.shardings_of_boxed(boxed)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class InferenceModule:
+    """Jitted generation, scoring and logits for a `DecoderOnlyModel` or `EncoderDecoderModel`.
+
+    Args:
+      model: the model wrapper.
+      params: its parameters (boxed or not); placed with the partitioner's shardings.
+      partitioner: mesh and rules; default one local device.
+      vocabulary: seqio vocabulary for string prompts (default `seqio.ByteVocabulary()`).
+      max_length: most positions of a sequence (prompt + new tokens for decoder-only models; encoder
+        or decoder length for encoder-decoders); default the config's `max_length`, else 2048.
+      bos_id: token prepended to decoder-only prompts (None: nothing); see the module docstring.
+      min_length_bucket: smallest padded length.
+    """
+
+    def __init__(self, model: BaseModel, params: Any, partitioner: Partitioner | None = None, vocabulary: Any = None,
+                 *, max_length: int | None = None, bos_id: int | None = 0, min_length_bucket: int = 8):
+        if not isinstance(model, (DecoderOnlyModel, EncoderDecoderModel)):
+            raise TypeError(f"model must be a DecoderOnlyModel or EncoderDecoderModel, got {type(model).__name__}")
+        self.model = model
+        self.is_encoder_decoder = isinstance(model, EncoderDecoderModel)
+        self.partitioner = partitioner or Partitioner(
+            {"data": 1, "fsdp": 1, "model": 1}, "dp", devices=jax.local_devices()[:1])
+        self._vocabulary = vocabulary
+        self.max_length = _check_int(
+            "max_length", max_length or getattr(model.config, "max_length", None) or DEFAULT_MAX_LENGTH, 1)
+        self.bos_id = None if self.is_encoder_decoder or bos_id is None else _check_int("bos_id", bos_id, 0)
+        self.min_length_bucket = _check_int("min_length_bucket", min_length_bucket, 1)
+        self.trace_counts: collections.Counter = collections.Counter()
+        abstract, shardings = param_shardings(model, self.partitioner)
+        params = nn.meta.unbox(params)
+        if jax.tree.structure(params) != jax.tree.structure(abstract):
+            given = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+            raise ValueError(f"params do not match the model's parameter tree (top-level keys {sorted(abstract)}, "
+                             f"got {given}); pass the 'params' collection itself")
+        for (path, p), a in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(abstract)):
+            if tuple(p.shape) != tuple(a.shape):
+                raise ValueError(f"param {jax.tree_util.keystr(path)} has shape {tuple(p.shape)}, the model "
+                                 f"expects {tuple(a.shape)}")
+        params = jax.tree.map(lambda p, a: p if p.dtype == a.dtype else p.astype(a.dtype), params, abstract)
+        self.params = jax.device_put(params, shardings)
+        mesh = self.partitioner.mesh
+        self._spans_processes = any(d.process_index != jax.process_index() for d in mesh.devices.flat)
+        self._data_sharding = self.partitioner.data_sharding()
+        shards = self.partitioner.batch_size_divisor
+        self._batch_multiple = max(1, shards // jax.process_count()) if self._spans_processes else shards
+        out = self._data_sharding
+        self._generate_jit = jax.jit(self._generate_fn, out_shardings=out, static_argnames=(
+            "method", "max_new_tokens", "top_k", "num_beams", "num_decodes", "eos_id"))
+        self._score_jit = jax.jit(self._score_fn, out_shardings=out)
+        self._logits_jit = jax.jit(self._logits_fn, out_shardings=out)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, *, dtype: str | None = None, mesh_shape: Mapping[str, int] | None = None,
+                        logical_axis_rules: Any = "tp", max_length: int | None = None, vocabulary: Any = None,
+                        bos_id: int | None = 0) -> InferenceModule:
+        """Rebuilds the model from the gin config stored in the checkpoint and restores its params only.
+
+        Args:
+          path: MODEL_DIR, its checkpoints folder or a step folder.
+          dtype: None keeps the checkpoint's dtypes; "bfloat16" casts params and computes in bf16.
+          mesh_shape: e.g. {'data': 1, 'fsdp': 1, 'model': -1}; None: one local device.
+          logical_axis_rules: rules used with `mesh_shape` (default tensor parallel, 'tp').
+          max_length, vocabulary, bos_id: as for the constructor; the vocabulary defaults to the
+            'targets' vocabulary of the config's MIXTURE_OR_TASK_NAME.
+        """
+        config_text = checkpoints.read_config(path)
+        if not config_text.strip():
+            raise checkpoints.CheckpointError(
+                f"checkpoint {path!r} has no gin config, so its model cannot be rebuilt; build the model "
+                "yourself and use InferenceModule(model, params)")
+        model, task = model_from_gin(config_text, repr(path))
+        model = _with_dtype(model, dtype)
+        partitioner = None if mesh_shape is None else Partitioner(mesh_shape, logical_axis_rules)
+        module_partitioner = partitioner or Partitioner(
+            {"data": 1, "fsdp": 1, "model": 1}, "dp", devices=jax.local_devices()[:1])
+        abstract, shardings = param_shardings(model, module_partitioner)
+        params = checkpoints.restore_params(path, abstract, shardings)
+        if vocabulary is None:
+            vocabulary = task_vocabulary(task)
+        return cls(model, params, module_partitioner, vocabulary, max_length=max_length, bos_id=bos_id)
+
+    # ------------------------------------------------------------------------------------ helpers
+    @property
+    def spans_processes(self) -> bool:
+        """Whether the mesh spans processes (then every process must join every call; module docstring)."""
+        return self._spans_processes
+
+    @property
+    def vocabulary(self):
+        if self._vocabulary is None:
+            import seqio
+            self._vocabulary = seqio.ByteVocabulary()
+        return self._vocabulary
+
+    def _tokenize(self, items: Any, name: str, add_eos: bool = False) -> tuple[list[list[int]], bool]:
+        """(token lists, whether they came from strings) from strings, int lists or an int array."""
+        if isinstance(items, str):
+            items = [items]
+        elif isinstance(items, np.ndarray) or isinstance(items, jax.Array):
+            items = np.asarray(items)
+            if items.ndim == 1:
+                items = items[None]
+            if items.ndim != 2 or not np.issubdtype(items.dtype, np.integer):
+                raise ValueError(f"{name} as an array must be int [batch, length], got {items.dtype} {items.shape}")
+            items = items.tolist()
+        if not isinstance(items, Sequence) or not items:
+            raise ValueError(f"{name} must be a non-empty list of strings or token lists, got {items!r}")
+        is_text = all(isinstance(x, str) for x in items)
+        rows = []
+        for i, item in enumerate(items):
+            if is_text:
+                row = list(self.vocabulary.encode(item)) + ([self.vocabulary.eos_id] if add_eos else [])
+            elif isinstance(item, (Sequence, np.ndarray)) and not isinstance(item, str):
+                row = [int(t) for t in item]
+            else:
+                raise ValueError(f"{name}[{i}] is {type(item).__name__}; give all strings or all token lists")
+            bad = [t for t in row if not 0 <= t < self.model.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"{name}[{i}] has token ids {bad[:5]} outside [0, vocab_size={self.model.vocab_size})")
+            rows.append(row)
+        return rows, is_text
+
+    def _buckets(self, batch: int, *lengths: int) -> tuple[int, ...]:
+        """Padded (batch, *lengths), agreed across processes when the mesh spans them."""
+        m = self._batch_multiple
+        padded_batch = -(-_next_pow2(max(batch, 1)) // m) * m
+        padded = [min(max(self.min_length_bucket, _next_pow2(n)), max(self.max_length, n)) for n in lengths]
+        sizes = np.array([padded_batch] + padded, np.int64)
+        if self._spans_processes:
+            sizes = np.max(multihost_utils.process_allgather(sizes), axis=0)
+        return tuple(int(s) for s in sizes)
+
+    def _put(self, x: np.ndarray) -> jax.Array:
+        if self._spans_processes:
+            return jax.make_array_from_process_local_data(self._data_sharding, x)
+        return jax.device_put(x, self._data_sharding)
+
+    def _fetch(self, x: jax.Array) -> np.ndarray:
+        if self._spans_processes:
+            spec = self._data_sharding.spec
+            return np.asarray(multihost_utils.global_array_to_host_local_array(x, self.partitioner.mesh, spec))
+        return np.asarray(x)
+
+    @staticmethod
+    def _pad(rows: Sequence[Sequence[int]], shape: tuple[int, int]) -> np.ndarray:
+        out = np.zeros(shape, np.int32)
+        for i, row in enumerate(rows):
+            out[i, :len(row)] = row
+        return out
+
+    def _eos(self, eos_id: int | None) -> int:
+        if eos_id is None:
+            return int(self.vocabulary.eos_id) if self._vocabulary is not None else 1
+        if not isinstance(eos_id, numbers.Integral) or eos_id < -1:
+            raise ValueError(f"eos_id must be a token id or -1 (never stop), got {eos_id!r}")
+        return int(eos_id)
+
+    # ----------------------------------------------------------------------------------- generate
+    def generate(self, prompts: str | Sequence[str] | Tokens, *, max_new_tokens: int = 32, method: str = "greedy",
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_beams: int = 4,
+                 length_penalty: float = 1.0, num_decodes: int = 1, seed: int = 0, rng: jax.Array | None = None,
+                 eos_id: int | None = None) -> GenerateOutput:
+        """Continues each prompt by up to `max_new_tokens` tokens (stopping at `eos_id`, -1: never).
+
+        method: "greedy", "sample" (temperature, top_k, top_p, num_decodes samples per prompt; `rng`
+        or else `seed` fixes the draws) or "beam" (num_beams, length_penalty; see beam_search).
+        eos_id defaults to the vocabulary's EOS (1 for seqio vocabularies).
+        """
+        if method not in METHODS:
+            raise ValueError(f"unknown decoding method {method!r}; choose one of {METHODS}")
+        max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
+        num_beams = _check_int("num_beams", num_beams, 1) if method == "beam" else 1
+        num_decodes = _check_int("num_decodes", num_decodes, 1) if method != "beam" else 1
+        if method == "sample":
+            decoding.check_sampling_args(temperature, top_k, top_p)
+        eos_id = self._eos(eos_id)
+        rows, is_text = self._tokenize(prompts, "prompts", add_eos=self.is_encoder_decoder)
+        if self.bos_id is not None:
+            rows = [[self.bos_id] + r for r in rows]
+        if max_new_tokens > self.max_length:
+            raise ValueError(f"max_new_tokens={max_new_tokens} is more than max_length={self.max_length}")
+        for i, row in enumerate(rows):
+            if not row and not self.is_encoder_decoder:
+                raise ValueError(f"prompts[{i}] is empty (a decoder-only prompt needs a token; set bos_id)")
+            if self.is_encoder_decoder and len(row) > self.max_length:
+                raise ValueError(f"prompts[{i}] has {len(row)} tokens, more than max_length={self.max_length}")
+            if not self.is_encoder_decoder and len(row) + max_new_tokens > self.max_length:
+                raise ValueError(
+                    f"prompts[{i}] has {len(row)} tokens; with max_new_tokens={max_new_tokens} it needs "
+                    f"{len(row) + max_new_tokens} positions, more than max_length={self.max_length}")
+        batch, length = self._buckets(len(rows), max(len(r) for r in rows))
+        tokens = self._pad(rows, (batch, length))
+        lengths = np.ones((batch,), np.int32)
+        lengths[:len(rows)] = [len(r) for r in rows]
+        key = jax.random.key(seed) if rng is None else rng
+        key_data = np.asarray(jax.random.key_data(key))
+        with self.partitioner.context():
+            out = self._generate_jit(
+                self.params, self._put(tokens), self._put(lengths), key_data, np.float32(temperature),
+                np.float32(top_p), np.float32(length_penalty), method=method, max_new_tokens=max_new_tokens,
+                top_k=int(top_k), num_beams=num_beams, num_decodes=num_decodes, eos_id=eos_id)
+        out = jax.tree.map(self._fetch, out)
+        n = len(rows)
+        if method == "beam":
+            beams = [[list(out.tokens[b, k, :out.lengths[b, k]]) for k in range(num_beams)] for b in range(n)]
+            result = GenerateOutput(tokens=[b[0] for b in beams], log_probs=out.log_probs[:n, 0],
+                                    scores=out.scores[:n, 0], beam_tokens=beams, beam_scores=out.scores[:n])
+        else:
+            n *= num_decodes
+            result = GenerateOutput(tokens=[list(out.tokens[i, :out.lengths[i]]) for i in range(n)],
+                                    log_probs=out.log_probs[:n], scores=out.log_probs[:n])
+        result.tokens = [[int(t) for t in row] for row in result.tokens]
+        if is_text:
+            result.texts = [self.vocabulary.decode(row) for row in result.tokens]
+        return result
+
+    def _prefill(self, params, tokens, lengths, max_new_tokens):
+        """(first-token logits [B, V], cache, tokens_to_logits) after feeding the prompts."""
+        cfg = self.model.config
+        batch, length = tokens.shape
+        if self.is_encoder_decoder:
+            encoded = encoder_decoder.encode(cfg, params, tokens)
+            cache = encoder_decoder.init_cache(cfg, batch, length, max_new_tokens)
+            start = jnp.zeros((batch, 1), jnp.int32)
+            logits, cache = encoder_decoder.decode_step(cfg, params, cache, start, encoded=encoded,
+                                                        encoder_input_tokens=tokens)
+            initial = logits[:, 0]
+            step_fn = encoder_decoder.decode_step
+        else:
+            cache = decoder_only.init_cache(cfg, batch, length + max_new_tokens)
+            logits, cache = decoder_only.decode_step(cfg, params, cache, tokens, lengths)
+            initial = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+            step_fn = decoder_only.decode_step
+
+        def tokens_to_logits(step_tokens, state):
+            step_logits, state = step_fn(cfg, params, state, step_tokens[:, None])
+            return step_logits[:, 0].astype(jnp.float32), state
+
+        return initial.astype(jnp.float32), cache, tokens_to_logits
+
+    def _generate_fn(self, params, tokens, lengths, key_data, temperature, top_p, length_penalty, *, method,
+                     max_new_tokens, top_k, num_beams, num_decodes, eos_id):
+        self.trace_counts["generate"] += 1
+        initial, cache, tokens_to_logits = self._prefill(params, tokens, lengths, max_new_tokens)
+        if method == "beam":
+            return beam_lib.beam_search(initial, cache, tokens_to_logits, max_new_tokens=max_new_tokens,
+                                        eos_id=eos_id, num_beams=num_beams, length_penalty=length_penalty)
+        return decoding.generate(
+            initial, cache, tokens_to_logits, max_new_tokens=max_new_tokens, eos_id=eos_id, method=method,
+            rng=jax.random.wrap_key_data(key_data), temperature=temperature, top_k=top_k, top_p=top_p,
+            num_decodes=num_decodes)
+
+    # ------------------------------------------------------------------------------- score, logits
+    def score(self, inputs: Sequence[str] | Tokens, targets: Sequence[str] | Tokens) -> np.ndarray:
+        """Log-likelihood float32 [B] of each target given its input (`model.score_batch`).
+
+        Strings are tokenized without EOS (encoder inputs of encoder-decoders get EOS); pass token lists
+        to control exactly what is scored. Decoder-only rows are [bos] + input + target with loss weight
+        on the target tokens only; an input may be empty.
+        """
+        in_rows, _ = self._tokenize(inputs, "inputs", add_eos=self.is_encoder_decoder)
+        tgt_rows, _ = self._tokenize(targets, "targets")
+        if len(in_rows) != len(tgt_rows):
+            raise ValueError(f"got {len(in_rows)} inputs but {len(tgt_rows)} targets")
+        n = len(tgt_rows)
+        if self.is_encoder_decoder:
+            for i, (x, y) in enumerate(zip(in_rows, tgt_rows)):
+                if max(len(x), len(y)) > self.max_length:
+                    raise ValueError(f"inputs[{i}] / targets[{i}] are longer than max_length={self.max_length}")
+            batch, enc_len, dec_len = self._buckets(n, max(map(len, in_rows)), max(map(len, tgt_rows)))
+            arrays = {"encoder_input_tokens": self._pad(in_rows, (batch, enc_len)),
+                      "decoder_input_tokens": self._pad([[0] + y[:-1] for y in tgt_rows], (batch, dec_len)),
+                      "decoder_target_tokens": self._pad(tgt_rows, (batch, dec_len)),
+                      "decoder_loss_weights": self._pad([[1] * len(y) for y in tgt_rows], (batch, dec_len))}
+        else:
+            prefix = [] if self.bos_id is None else [self.bos_id]
+            seqs, weights = [], []
+            for i, (x, y) in enumerate(zip(in_rows, tgt_rows)):
+                seq = prefix + x + y
+                if y and len(prefix + x) == 0:
+                    raise ValueError(f"targets[{i}]: the first token of a sequence cannot be scored without an "
+                                     "input or bos_id")
+                if len(seq) - 1 > self.max_length:
+                    raise ValueError(f"inputs[{i}] + targets[{i}] have {len(seq) - 1} positions, more than "
+                                     f"max_length={self.max_length}")
+                seqs.append(seq)
+                weights.append([0] * (len(prefix + x) - 1) + [1] * len(y))
+            batch, length = self._buckets(n, max(max(len(s) - 1 for s in seqs), 1))
+            arrays = {"decoder_input_tokens": self._pad([s[:-1] for s in seqs], (batch, length)),
+                      "decoder_target_tokens": self._pad([s[1:] for s in seqs], (batch, length)),
+                      "decoder_loss_weights": self._pad(weights, (batch, length))}
+        with self.partitioner.context():
+            scores = self._score_jit(self.params, {k: self._put(v) for k, v in arrays.items()})
+        return self._fetch(scores)[:n]
+
+    def _score_fn(self, params, batch):
+        self.trace_counts["score"] += 1
+        return self.model.score_batch(params, batch)
+
+    def logits(self, tokens: Tokens, decoder_tokens: Tokens | None = None) -> np.ndarray:
+        """float32 logits [B, L, V] of int tokens [B, L] (as given: no BOS added).
+
+        Encoder-decoder models take the encoder tokens and `decoder_tokens` [B, Ld] (-> [B, Ld, V]).
+        """
+        rows, _ = self._tokenize(np.asarray(tokens), "tokens")
+        batch_len = len(rows[0])
+        if self.is_encoder_decoder:
+            if decoder_tokens is None:
+                raise ValueError("logits() of an encoder-decoder model needs decoder_tokens [B, Ld]")
+            dec_rows, _ = self._tokenize(np.asarray(decoder_tokens), "decoder_tokens")
+            if len(dec_rows) != len(rows):
+                raise ValueError(f"tokens has {len(rows)} rows but decoder_tokens {len(dec_rows)}")
+            out_len = len(dec_rows[0])
+            batch, enc_len, dec_len = self._buckets(len(rows), batch_len, out_len)
+            arrays = {"encoder_input_tokens": self._pad(rows, (batch, enc_len)),
+                      "decoder_input_tokens": self._pad(dec_rows, (batch, dec_len))}
+        else:
+            if decoder_tokens is not None:
+                raise ValueError("decoder_tokens is only for encoder-decoder models")
+            if batch_len > self.max_length:
+                raise ValueError(f"tokens have length {batch_len}, more than max_length={self.max_length}")
+            out_len = batch_len
+            batch, length = self._buckets(len(rows), batch_len)
+            arrays = {"decoder_input_tokens": self._pad(rows, (batch, length))}
+        with self.partitioner.context():
+            logits = self._logits_jit(self.params, {k: self._put(v) for k, v in arrays.items()})
+        return self._fetch(logits)[:len(rows), :out_len]
+
+    def _logits_fn(self, params, batch):
+        self.trace_counts["logits"] += 1
+        return self.model.compute_logits(params, batch).astype(jnp.float32)
