@@ -85,3 +85,15 @@ def test_python_api_trains_without_gin(tmp_path):
         mixture_or_task_name="synthetic_lm", task_feature_lengths={"targets": 16}, log_period=1, peak_flops=1e12)
     assert int(state.step) == 3
     assert (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "config.gin").exists()
+
+
+def test_t5_trains_on_seq2seq_task(tmp_path):
+    from lmops_jax.models import encoder_decoder, model
+    t5 = model.EncoderDecoderModel(encoder_decoder.T5Config(d_model=64, num_encoder_layers=1, num_decoder_layers=1,
+                                                            num_heads=2, head_dim=16, mlp_dim=128))
+    _, state = train_lib.train(
+        model=t5, model_dir=str(tmp_path), train_steps=2, batch_size=8, mixture_or_task_name="synthetic_seq2seq",
+        task_feature_lengths={"inputs": 40, "targets": 40}, log_period=1, eval_steps=1, peak_flops=1e12)
+    assert int(state.step) == 2
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 2 and "eval/loss" in records[-1]
