@@ -31,12 +31,13 @@ WEIGHTS_KEY = "decoder_loss_weights"
 
 
 def summarize(sums: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Means from summed metrics: loss, accuracy and z_loss per weighted token."""
+    """Per-weighted-token means of summed metrics: `X_sum` becomes `X` (`correct_sum`: `accuracy`)."""
     weight = max(float(sums["weight_sum"]), 1.0)
-    out = {f"{prefix}loss": float(sums["loss_sum"]) / weight,
-           f"{prefix}accuracy": float(sums["correct_sum"]) / weight}
-    if "z_loss_sum" in sums:
-        out[f"{prefix}z_loss"] = float(sums["z_loss_sum"]) / weight
+    out = {}
+    for key, value in sums.items():
+        if key.endswith("_sum") and key != "weight_sum":
+            name = "accuracy" if key == "correct_sum" else key[:-len("_sum")]
+            out[f"{prefix}{name}"] = float(value) / weight
     return out
 
 
@@ -89,7 +90,7 @@ class Trainer:
         self.batch_sharding = self.partitioner.data_sharding()
         replicated = self.partitioner.replicated
         self._jit_train_step = jax.jit(
-            self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+            self._train_step, in_shardings=(self.state_shardings, self.batch_sharding, self.step_input_shardings()),
             out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
         self._jit_eval_step = jax.jit(
             self._eval_step, in_shardings=(self.state_shardings.params, self.batch_sharding),
@@ -105,12 +106,23 @@ class Trainer:
         return jax.random.fold_in(jax.random.key(self.seed + 1), step)
 
     # ------------------------------------------------------------------------------------ pure steps
-    def loss_fn(self, params: Any, batch: Batch, rng: jax.Array, loss_normalizer: Any) -> tuple[jax.Array, Metrics]:
+    def step_inputs(self) -> Any:
+        """Extra jitted arguments of every train step (e.g. a frozen teacher's params); none here.
+
+        They are passed as arguments, never closed over, so large arrays are not baked into the program.
+        """
+        return ()
+
+    def step_input_shardings(self) -> Any:
+        return ()
+
+    def loss_fn(self, params: Any, batch: Batch, rng: jax.Array, loss_normalizer: Any, inputs: Any,
+                step: jax.Array) -> tuple[jax.Array, Metrics]:
         """Loss to differentiate and summed metrics; subclasses (distillation) override this."""
         return self.model.loss_fn(params, batch, rng, loss_normalizer=loss_normalizer)
 
-    def _grads(self, params: Any, batch: Batch, rng: jax.Array) -> tuple[Any, Metrics]:
-        grad_fn = jax.grad(self.loss_fn, has_aux=True)
+    def _grads(self, params: Any, batch: Batch, rng: jax.Array, inputs: Any, step: jax.Array) -> tuple[Any, Metrics]:
+        grad_fn = jax.grad(lambda p, b, r, n: self.loss_fn(p, b, r, n, inputs, step), has_aux=True)
         normalizer = jnp.maximum(jnp.sum(batch[WEIGHTS_KEY].astype(jnp.float32)), 1.0)
         n = self.num_microbatches
         if n == 1:
@@ -130,8 +142,8 @@ class Trainer:
         acc, _ = jax.lax.scan(body, zeros, (jnp.arange(n), micro))
         return acc
 
-    def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        grads, metrics = self._grads(state.params, batch, self.step_rng(state.step))
+    def _train_step(self, state: TrainState, batch: Batch, inputs: Any) -> tuple[TrainState, Metrics]:
+        grads, metrics = self._grads(state.params, batch, self.step_rng(state.step), inputs, state.step)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics)
@@ -147,7 +159,7 @@ class Trainer:
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         """One optimizer step. `state` is donated: use the returned one."""
         with self.partitioner.context():
-            return self._jit_train_step(state, batch)
+            return self._jit_train_step(state, batch, self.step_inputs())
 
     def eval_step(self, params: Any, batch: Batch) -> Metrics:
         with self.partitioner.context():
