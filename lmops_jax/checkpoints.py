@@ -138,18 +138,20 @@ class Checkpointer:
         return None
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a/b/kernel': leaf} from a nested dict of params (the naming of assignment maps and errors)."""
     out = {}
     for key, value in tree.items():
         name = f"{prefix}/{key}" if prefix else str(key)
         if isinstance(value, Mapping):
-            out.update(_flatten(value, name))
+            out.update(flatten(value, name))
         else:
             out[name] = value
     return out
 
 
-def _unflatten(flat: Mapping[str, Any]) -> dict:
+def unflatten(flat: Mapping[str, Any]) -> dict:
+    """The inverse of `flatten`."""
     tree: dict = {}
     for name, value in flat.items():
         node = tree
@@ -160,25 +162,30 @@ def _unflatten(flat: Mapping[str, Any]) -> dict:
     return tree
 
 
-def checkpoint_param_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{param path: (shape, dtype)} of a checkpoint's parameters, read from metadata only."""
+def _open_step(path: str) -> tuple[ocp.CheckpointManager, str, int]:
+    """(read-only manager, checkpoints folder, step) for a path; the newest step unless one is named."""
     directory, step = resolve(path)
     manager = _manager(directory, read_only=True)
     step = manager.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"no complete checkpoint in {directory!r}")
+    return manager, directory, step
+
+
+def _param_metadata(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     meta = manager.item_metadata(step)[STATE]
-    tree = getattr(meta, "tree", meta)
-    return {name: (tuple(m.shape), str(m.dtype)) for name, m in _flatten(tree["params"]).items()}
+    return flatten(getattr(meta, "tree", meta)["params"])
+
+
+def checkpoint_param_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{param path: (shape, dtype)} of a checkpoint's parameters, read from metadata only."""
+    manager, directory, step = _open_step(path)
+    return {name: (tuple(m.shape), str(m.dtype)) for name, m in _param_metadata(manager, step).items()}
 
 
 def read_config(path: str) -> str:
     """The gin config text stored with a checkpoint (empty if it was saved without one)."""
-    directory, step = resolve(path)
-    manager = _manager(directory, read_only=True)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"no complete checkpoint in {directory!r}")
+    manager, directory, step = _open_step(path)
     return manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]["gin"]
 
 
@@ -221,16 +228,10 @@ def restore_params(
     Raises:
       CheckpointError listing every parameter with mismatched shapes (both shapes) and every missing key.
     """
-    directory, step = resolve(path)
-    manager = _manager(directory, read_only=True)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"no complete checkpoint in {directory!r}")
-    meta_tree = manager.item_metadata(step)[STATE]
-    meta_tree = getattr(meta_tree, "tree", meta_tree)
-    ckpt = _flatten(meta_tree["params"])
-    model = _flatten(abstract_params)
-    model_shardings = _flatten(shardings)
+    manager, directory, step = _open_step(path)
+    ckpt = _param_metadata(manager, step)
+    model = flatten(abstract_params)
+    model_shardings = flatten(shardings)
     to_ckpt = map_names(list(ckpt), assignment_map)
     mismatched, missing = [], []
     for name, target in model.items():
@@ -249,20 +250,20 @@ def restore_params(
     wanted = {to_ckpt[name]: jax.ShapeDtypeStruct(ckpt[to_ckpt[name]].shape, ckpt[to_ckpt[name]].dtype,
                                                   sharding=model_shardings[name])
               for name in model if name not in missing}
-    target_tree = {"params": _unflatten(wanted)}
+    target_tree = {"params": unflatten(wanted)}
     restore_args = ocp.checkpoint_utils.construct_restore_args(
         target_tree, jax.tree.map(lambda s: s.sharding, target_tree))
     restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
         item=target_tree, restore_args=restore_args, partial_restore=True)}))
-    loaded = _flatten(restored[STATE]["params"])
-    fresh = _flatten(init_missing()) if missing else {}
+    loaded = flatten(restored[STATE]["params"])
+    fresh = flatten(init_missing()) if missing else {}
     out = {}
     for name, target in model.items():
         value = fresh[name] if name in missing else loaded[to_ckpt[name]]
         out[name] = value.astype(target.dtype) if value.dtype != target.dtype else value
     if missing:
         logging.info("initialized from scratch (not in checkpoint): %s", ", ".join(missing))
-    return _unflatten(out)
+    return unflatten(out)
 
 
 def save_params(model_dir: str, params: Any, config_str: str, step: int = 0) -> str:

@@ -91,17 +91,6 @@ def _read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _nest(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
 def hf_to_params(hf_dir: str) -> tuple[model_lib.BaseModel, dict]:
     """(model, param tree of numpy arrays) from a Hugging Face model directory."""
     config_path = os.path.join(hf_dir, "config.json")
@@ -121,12 +110,12 @@ def hf_to_params(hf_dir: str) -> tuple[model_lib.BaseModel, dict]:
     extra = [k for k in tensors if k not in used and not k.endswith(("embed_tokens.weight", "rotary_emb.inv_freq"))]
     if extra:
         raise ConversionError(f"unexpected tensors in {hf_dir} (the model has no place for them): {', '.join(extra)}")
-    return model, _nest({ours: mapping.to_ours(tensors[hf], layout, head_dim) for ours, hf, layout in table})
+    return model, checkpoints.unflatten({ours: mapping.to_ours(tensors[hf], layout, head_dim) for ours, hf, layout in table})
 
 
 def params_to_hf(model: model_lib.BaseModel, params: dict) -> tuple[dict, dict[str, np.ndarray]]:
     """(config.json dict, {HF name: array}) for a model and its params."""
-    flat = checkpoints._flatten(params)  # noqa: SLF001  same path convention as the checkpoint code
+    flat = checkpoints.flatten(params)
     table, _ = _table(model)
     tensors = {hf: np.ascontiguousarray(mapping.to_hf(np.asarray(flat[ours]), layout)) for ours, hf, layout in table}
     cfg = model.config
