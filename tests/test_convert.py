@@ -1,4 +1,4 @@
-"""Hugging Face bridge: logits and greedy parity with transformers, exact round trip, refusals."""
+"""Hugging Face bridge: logits and greedy parity with transformers, exact round trips, refusals by name."""
 import json
 import os
 
@@ -11,98 +11,178 @@ transformers = pytest.importorskip("transformers")
 
 from lmops_jax import checkpoints, convert, inference  # noqa: E402
 from lmops_jax.convert import __main__ as convert_cli  # noqa: E402
+from lmops_jax.convert import safetensors_io  # noqa: E402
+
+LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+             max_position_embeddings=128)
+T5 = dict(vocab_size=128, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=2, num_heads=4,
+          feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0,
+          pad_token_id=0, eos_token_id=1)
 
 
-def _llama(tmp_path, **overrides):
+def _save(hf, path, **kwargs):
+    hf.save_pretrained(path, safe_serialization=True, **kwargs)
+    return str(path)
+
+
+def _llama(tmp_path, dtype=None, **save_kwargs):
     torch.manual_seed(0)
-    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
-               max_position_embeddings=128)
-    cfg.update(overrides)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
-    path = tmp_path / "hf_llama"
-    hf.save_pretrained(path, safe_serialization=True)
-    return hf, str(path)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
+    if dtype is not None:
+        hf = hf.to(dtype)
+    return hf, _save(hf, tmp_path / "hf_llama", **save_kwargs)
 
 
 def _t5(tmp_path):
     torch.manual_seed(0)
-    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=128, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_decoder_layers=2, num_heads=4,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0,
-        pad_token_id=0, eos_token_id=1)).eval()
-    path = tmp_path / "hf_t5"
-    hf.save_pretrained(path, safe_serialization=True)
-    return hf, str(path)
+    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**T5)).eval()
+    return hf, _save(hf, tmp_path / "hf_t5")
+
+
+def _restored_logits(out_dir, *tokens):
+    """Our logits from the converted Orbax checkpoint (restore_params, replicated on one device)."""
+    model, params = convert.load_checkpoint(out_dir)
+    if len(tokens) == 1:
+        batch = {"decoder_input_tokens": tokens[0]}
+    else:
+        batch = {"encoder_input_tokens": tokens[0], "decoder_input_tokens": tokens[1]}
+    return np.asarray(jax.jit(model.compute_logits)(params, batch))
 
 
 def test_llama_gqa_logits_and_greedy_match_hf(tmp_path):
     hf, hf_dir = _llama(tmp_path)
-    assert convert_cli.main(["from_hf", f"--hf_dir={hf_dir}", f"--out_dir={tmp_path / 'ours'}"]) == 0
-    module = inference.InferenceModule.from_checkpoint(str(tmp_path / "ours"), bos_id=None)
+    out = str(tmp_path / "ours")
+    assert convert_cli.main(["from_hf", f"--hf_dir={hf_dir}", f"--out_dir={out}"]) == 0
+    assert "MODEL = @model.DecoderOnlyModel()" in open(os.path.join(out, "model.gin")).read()
     tokens = np.random.default_rng(0).integers(1, 128, (2, 20))
     with torch.no_grad():
         want = hf(torch.tensor(tokens)).logits.numpy()
-    np.testing.assert_allclose(module.logits(tokens), want, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_allclose(_restored_logits(out, tokens), want, atol=1e-4 * np.abs(want).max())
     prompt = tokens[:1, :6]
     with torch.no_grad():
         hf_out = hf.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False, eos_token_id=None,
                              pad_token_id=0).numpy()[0, 6:]
+    module = inference.InferenceModule.from_checkpoint(out, bos_id=None)  # KV-cache decoding
     ours = module.generate(prompt.tolist(), max_new_tokens=8, eos_id=-1).tokens[0]
     np.testing.assert_array_equal(np.asarray(ours)[:8], hf_out)
 
 
 def test_t5_logits_and_greedy_match_hf(tmp_path):
     hf, hf_dir = _t5(tmp_path)
-    convert.import_hf(hf_dir, str(tmp_path / "ours"))
-    module = inference.InferenceModule.from_checkpoint(str(tmp_path / "ours"))
+    out = str(tmp_path / "ours")
+    convert.import_hf(hf_dir, out)
     rng = np.random.default_rng(1)
     enc, dec = rng.integers(2, 128, (2, 12)), rng.integers(2, 128, (2, 7))
     dec[:, 0] = 0
     with torch.no_grad():
         want = hf(input_ids=torch.tensor(enc), decoder_input_ids=torch.tensor(dec)).logits.numpy()
-    np.testing.assert_allclose(module.logits(enc, dec), want, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_allclose(_restored_logits(out, enc, dec), want, atol=1e-4 * np.abs(want).max())
     with torch.no_grad():
         hf_out = hf.generate(torch.tensor(enc[:1]), max_new_tokens=8, do_sample=False, eos_token_id=None,
                              decoder_start_token_id=0).numpy()[0, 1:]
+    module = inference.InferenceModule.from_checkpoint(out)
     ours = module.generate(enc[:1].tolist(), max_new_tokens=8, eos_id=-1).tokens[0]
     np.testing.assert_array_equal(np.asarray(ours)[:8], hf_out)
 
 
-@pytest.mark.parametrize("arch", ["llama", "t5"])
-def test_export_reproduces_hf_tensors_exactly(tmp_path, arch):
-    from safetensors.numpy import load_file
-    _, hf_dir = (_llama if arch == "llama" else _t5)(tmp_path)
+LLAMA_FIELDS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_parameters", "tie_word_embeddings",
+                "max_position_embeddings", "hidden_act", "attention_bias", "mlp_bias"]
+T5_FIELDS = ["vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
+             "relative_attention_num_buckets", "relative_attention_max_distance", "layer_norm_epsilon",
+             "feed_forward_proj", "dense_act_fn", "is_gated_act", "scale_decoder_outputs"]
+
+
+@pytest.mark.parametrize("case", ["llama_sharded", "llama_bf16", "t5"])
+def test_export_reproduces_hf_tensors_exactly(tmp_path, case):
+    if case == "llama_sharded":  # HF writes shards + index; export shards again
+        hf, hf_dir = _llama(tmp_path, max_shard_size="100KB")
+        assert os.path.exists(os.path.join(hf_dir, safetensors_io.INDEX_FILE))
+    elif case == "llama_bf16":
+        hf, hf_dir = _llama(tmp_path, dtype=torch.bfloat16)
+    else:
+        hf, hf_dir = _t5(tmp_path)
     convert.import_hf(hf_dir, str(tmp_path / "ours"))
-    assert convert_cli.main(["to_hf", f"--checkpoint={tmp_path / 'ours'}", f"--out_dir={tmp_path / 'back'}"]) == 0
-    original, back = load_file(os.path.join(hf_dir, "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
-    assert set(back) >= set(original)
+    if case == "llama_bf16":  # the stored dtype is kept without --dtype
+        assert {d for _, d in checkpoints.checkpoint_param_shapes(str(tmp_path / "ours")).values()} == {"bfloat16"}
+    back = str(tmp_path / "back")
+    argv = ["to_hf", f"--checkpoint={tmp_path / 'ours'}", f"--out_dir={back}"]
+    assert convert_cli.main(argv + (["--max_shard_gb=0.0002"] if case == "llama_sharded" else [])) == 0
+    assert os.path.exists(os.path.join(back, safetensors_io.INDEX_FILE)) == (case == "llama_sharded")
+    original, exported = safetensors_io.read_tensors(hf_dir), safetensors_io.read_tensors(back)
+    # transformers 5 saves T5's head tied to `shared`; export always writes lm_head.weight.
+    assert set(exported) - set(original) <= {"lm_head.weight"} and set(original) <= set(exported)
     for name, value in original.items():
-        np.testing.assert_array_equal(back[name], value, err_msg=name)
-    reloaded = (transformers.LlamaForCausalLM if arch == "llama" else transformers.T5ForConditionalGeneration
-                ).from_pretrained(str(tmp_path / "back"))
-    assert reloaded.config.vocab_size == 128
+        assert exported[name].dtype == value.dtype, name
+        np.testing.assert_array_equal(exported[name], value, err_msg=name)
+    # transformers loads the export exactly as it loads the original (same config fields, same logits).
+    hf, reloaded = (type(hf).from_pretrained(d, dtype=hf.dtype).eval() for d in (hf_dir, back))
+    for field in LLAMA_FIELDS if case != "t5" else T5_FIELDS:
+        assert getattr(reloaded.config, field) == getattr(hf.config, field), field
+    tokens = torch.tensor(np.random.default_rng(2).integers(2, 128, (1, 9)))
+    with torch.no_grad():
+        extra = {} if case != "t5" else {"decoder_input_ids": tokens[:, :4]}
+        np.testing.assert_array_equal(reloaded(tokens, **extra).logits.float().numpy(),
+                                      hf(tokens, **extra).logits.float().numpy())
 
 
-def test_unsupported_inputs_are_refused_by_name(tmp_path):
-    _, hf_dir = _llama(tmp_path, rope_scaling={"rope_type": "linear", "factor": 2.0})
-    with pytest.raises(convert.ConversionError, match="rope"):
-        convert.hf_to_params(hf_dir)
-    _, hf_dir = _llama(tmp_path)
-    cfg = json.load(open(os.path.join(hf_dir, "config.json")))
-    json.dump({**cfg, "architectures": ["GPT2LMHeadModel"]}, open(os.path.join(hf_dir, "config.json"), "w"))
-    with pytest.raises(convert.ConversionError, match="unsupported architecture 'GPT2LMHeadModel'"):
-        convert.hf_to_params(hf_dir)
-    json.dump(cfg, open(os.path.join(hf_dir, "config.json"), "w"))
+@pytest.mark.parametrize("overrides, match", [
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope scaling"),
+    ({"attention_bias": True}, "attention_bias=True"),
+    ({"mlp_bias": True}, "mlp_bias=True"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"architectures": ["GPT2LMHeadModel"]}, "unsupported architecture 'GPT2LMHeadModel'"),
+    ({"architectures": ["Qwen2ForCausalLM"]}, "unsupported architecture 'Qwen2ForCausalLM' .*biases"),
+    ({"architectures": ["MistralForCausalLM"], "sliding_window": 64}, "sliding_window=64"),
+    ({"hidden_size": None}, "lacks the field 'hidden_size'"),
+])
+def test_unsupported_llama_configs_are_refused_by_field(overrides, match):
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **LLAMA, **overrides}
+    with pytest.raises(convert.ConversionError, match=match):
+        convert.model_from_hf_config(cfg)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"feed_forward_proj": "relu"}, "feed_forward_proj='relu'"),
+    ({"tie_word_embeddings": True}, "tie_word_embeddings=True means T5 1.0"),  # transformers 4 spelling
+    ({"scale_decoder_outputs": True}, "scale_decoder_outputs=True means T5 1.0"),  # transformers 5
+])
+def test_t5_v1_0_is_refused_by_field(overrides, match):
+    cfg = {"architectures": ["T5ForConditionalGeneration"], **T5, **overrides}
+    with pytest.raises(convert.ConversionError, match=match):
+        convert.model_from_hf_config(cfg)
+    assert convert.model_from_hf_config({"model_type": "t5", **T5}).config.head_dim == 16
+
+
+def test_bad_weights_are_listed_by_name(tmp_path, capsys):
     from safetensors.numpy import load_file, save_file
-    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
-    del tensors["model.layers.1.mlp.up_proj.weight"]
-    save_file(tensors, os.path.join(hf_dir, "model.safetensors"))
-    with pytest.raises(convert.ConversionError, match="missing .*model.layers.1.mlp.up_proj.weight"):
+    _, hf_dir = _llama(tmp_path)
+    path = os.path.join(hf_dir, "model.safetensors")
+    tensors = load_file(path)
+    broken = dict(tensors)
+    del broken["model.layers.1.mlp.up_proj.weight"]
+    broken["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
+    broken["model.layers.0.mlp.down_proj.weight"] = np.zeros((64, 95), np.float32)
+    save_file(broken, path, metadata={"format": "pt"})
+    with pytest.raises(convert.ConversionError) as e:
         convert.hf_to_params(hf_dir)
-    os.remove(os.path.join(hf_dir, "model.safetensors"))
-    open(os.path.join(hf_dir, "pytorch_model.bin"), "wb").write(b"\x80\x04 not unpickled")
-    with pytest.raises(convert.ConversionError, match="no \\*.safetensors.*never loaded"):
+    message = str(e.value)
+    assert "tensors missing: model.layers.1.mlp.up_proj.weight" in message
+    assert "unexpected tensors (the model has no place for them): model.layers.0.self_attn.q_proj.bias" in message
+    assert "model.layers.0.mlp.down_proj.weight (64, 95) (config.json implies (64, 96))" in message
+    # Tied Llama: a stored lm_head copy must equal the embedding.
+    cfg = json.load(open(os.path.join(hf_dir, "config.json")))
+    json.dump({**cfg, "tie_word_embeddings": True}, open(os.path.join(hf_dir, "config.json"), "w"))
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(convert.ConversionError, match="untied copies: lm_head.weight"):
         convert.hf_to_params(hf_dir)
+    # Only pickled weights: refused without being opened.
+    os.remove(path)
+    open(os.path.join(hf_dir, "pytorch_model.bin"), "wb").write(b"\x80\x04 never unpickled")
+    assert convert_cli.main(["from_hf", f"--hf_dir={hf_dir}", f"--out_dir={tmp_path / 'out'}"]) == 2
+    assert "pickled .bin/.pt files are never loaded" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
     with pytest.raises(checkpoints.CheckpointError, match="no checkpoint"):
-        convert.export_hf(str(tmp_path / "nothing"), str(tmp_path / "out"))
+        convert.export_hf(str(tmp_path / "nothing"), str(tmp_path / "back"))

@@ -1,190 +1,280 @@
 """Hugging Face bridge: import Llama-family and T5 v1.1 safetensors models, export them back.
 
-    python -m lmops_jax.convert from_hf --hf_dir=DIR --out_dir=DIR [--dtype=bfloat16]
-    python -m lmops_jax.convert to_hf --checkpoint=DIR --out_dir=DIR
+    python -m lmops_jax.convert from_hf --hf_dir=DIR --out_dir=DIR [--dtype=float32|bfloat16]
+    python -m lmops_jax.convert to_hf --checkpoint=DIR --out_dir=DIR [--max_shard_gb=5]
 
 Import writes a params-only Orbax checkpoint (`checkpoints.save_params`) whose stored gin config builds
-the model, plus the same text as `out_dir/model.gin`. Only `*.safetensors` files are read: pickled
-PyTorch files are never loaded. A config the models cannot represent exactly is refused, naming the field.
+the model, plus the same text as `out_dir/model.gin`. Only `*.safetensors` files are read (sharded ones
+through their index); pickled PyTorch files are never loaded. A config the models cannot represent
+exactly is refused naming the field; missing, misshapen and unexpected tensors are listed by name.
+Without `dtype` the params keep the stored dtype (so a bfloat16 model round-trips bit for bit); a
+checkpoint mixing float dtypes is imported as float32.
+
+Per-architecture config translation and name tables live in `hf_llama` and `hf_t5`; the layouts
+shared by both directions in `mapping`; file handling in `safetensors_io`.
 """
 from __future__ import annotations
 
-import glob
+import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from lmops_jax import checkpoints
-from lmops_jax.convert import mapping
-from lmops_jax.models import decoder_only, encoder_decoder, model as model_lib
+from lmops_jax.convert import hf_llama, hf_t5, safetensors_io
+from lmops_jax.convert.mapping import ConversionError, Entry, ImportSpec, hf_shape, to_hf, to_ours
+from lmops_jax.models import decoder_only, encoder_decoder
+from lmops_jax.models import model as model_lib
+
+__all__ = ["ConversionError", "Entry", "model_from_hf_config", "hf_to_params", "params_to_hf", "gin_config",
+           "load_checkpoint", "import_hf", "export_hf"]
+
+DTYPES = ("float32", "bfloat16", "float16")
+_ARCH_MODULES = (hf_llama, hf_t5)
+_IMPORTERS = {arch: module for module in _ARCH_MODULES for arch in module.ARCHITECTURES}
 
 
-class ConversionError(ValueError):
-    """A Hugging Face directory or checkpoint that cannot be converted; the message says why."""
+def _architecture(cfg: Mapping[str, Any]) -> str:
+    archs = cfg.get("architectures")
+    if archs:
+        if not isinstance(archs, list) or not isinstance(archs[0], str):
+            raise ConversionError(f"config.json field architectures={archs!r} must be a list of class names")
+        return archs[0]
+    model_type = cfg.get("model_type")
+    for module in _ARCH_MODULES:
+        if model_type in module.MODEL_TYPES:
+            return module.MODEL_TYPES[model_type]
+    raise ConversionError(f"config.json names no supported architecture (architectures is missing, model_type="
+                          f"{model_type!r}); supported: {', '.join(_IMPORTERS)}")
 
 
-def _rope_theta(cfg: dict) -> float:
-    params = cfg.get("rope_parameters") or {}
-    if params.get("rope_type", "default") != "default" or cfg.get("rope_scaling"):
-        raise ConversionError(f"rope scaling {params or cfg.get('rope_scaling')} is not supported (field "
-                              "rope_parameters / rope_scaling)")
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+def import_spec(cfg: Mapping[str, Any]) -> ImportSpec:
+    """Model, name table and tied copies for a config.json dict; unsupported configs raise ConversionError."""
+    if not isinstance(cfg, Mapping):
+        raise ConversionError(f"config.json must hold a JSON object, got {type(cfg).__name__}")
+    arch = _architecture(cfg)
+    module = _IMPORTERS.get(arch)
+    if module is None:
+        why = {k: v for m in _ARCH_MODULES for k, v in m.REFUSED.items()}.get(arch)
+        raise ConversionError(f"unsupported architecture {arch!r}{' (' + why + ')' if why else ''}; supported: "
+                              f"{', '.join(_IMPORTERS)}")
+    return module.import_spec(cfg, arch)
 
 
-def model_from_hf_config(cfg: dict) -> model_lib.BaseModel:
-    """Our model for a Hugging Face config.json dict; unsupported fields raise ConversionError."""
-    archs = cfg.get("architectures") or [{"llama": "LlamaForCausalLM", "t5": "T5ForConditionalGeneration"}.get(
-        cfg.get("model_type"), str(cfg.get("model_type")))]
-    arch = archs[0]
-    if arch in ("LlamaForCausalLM", "MistralForCausalLM"):
-        for field, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
-            if cfg.get(field, ok) != ok:
-                raise ConversionError(f"config field {field}={cfg[field]!r} is not supported (needs {ok!r})")
-        if cfg.get("sliding_window"):
-            raise ConversionError(f"config field sliding_window={cfg['sliding_window']} is not supported")
-        heads = cfg["num_attention_heads"]
-        return model_lib.DecoderOnlyModel(decoder_only.LlamaConfig(
-            vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"],
-            num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads, mlp_dim=cfg["intermediate_size"],
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=_rope_theta(cfg), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_length=cfg.get("max_position_embeddings", 2048)))
-    if arch == "T5ForConditionalGeneration":
-        if cfg.get("feed_forward_proj") != "gated-gelu":
-            raise ConversionError(f"config field feed_forward_proj={cfg.get('feed_forward_proj')!r}: only T5 v1.1 "
-                                  "('gated-gelu') is supported")
-        # transformers 5 always ties T5's lm_head to `shared` and marks T5 1.0's output rescaling with
-        # scale_decoder_outputs; transformers 4 configs say the same with tie_word_embeddings.
-        if cfg.get("scale_decoder_outputs", cfg.get("tie_word_embeddings", True)):
-            raise ConversionError("config fields scale_decoder_outputs / tie_word_embeddings say T5 1.0 (outputs "
-                                  "rescaled by d_model**-0.5): only T5 v1.1 is supported")
-        return model_lib.EncoderDecoderModel(encoder_decoder.T5Config(
-            vocab_size=cfg["vocab_size"], d_model=cfg["d_model"], num_encoder_layers=cfg["num_layers"],
-            num_decoder_layers=cfg.get("num_decoder_layers") or cfg["num_layers"], num_heads=cfg["num_heads"],
-            head_dim=cfg["d_kv"], mlp_dim=cfg["d_ff"],
-            relative_attention_num_buckets=cfg.get("relative_attention_num_buckets", 32),
-            relative_attention_max_distance=cfg.get("relative_attention_max_distance", 128),
-            rms_norm_eps=cfg.get("layer_norm_epsilon", 1e-6)))
-    raise ConversionError(f"unsupported architecture {arch!r}; supported: LlamaForCausalLM, MistralForCausalLM "
-                          "(without sliding window), T5ForConditionalGeneration (v1.1)")
+def model_from_hf_config(cfg: Mapping[str, Any]) -> model_lib.BaseModel:
+    """Our model (float32) for a Hugging Face config.json dict."""
+    return import_spec(cfg).model
 
 
-def _table(model: model_lib.BaseModel) -> tuple[list[mapping.Entry], int]:
-    cfg = model.config
-    if isinstance(cfg, decoder_only.LlamaConfig):
-        return mapping.llama_table(cfg), cfg.resolved_head_dim
-    return mapping.t5_table(cfg), cfg.head_dim
+def read_hf_config(hf_dir: str) -> dict:
+    """The parsed config.json of a Hugging Face model directory."""
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConversionError(f"no config.json in {hf_dir!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ConversionError(f"{path} is not valid JSON: {e}") from e
 
 
-def _read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
-    from safetensors.flax import load_file  # handles bfloat16, which plain numpy cannot
-    files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
-    if not files:
-        found = sorted(os.listdir(hf_dir)) if os.path.isdir(hf_dir) else []
-        raise ConversionError(f"no *.safetensors in {hf_dir!r} (found {found}); pickled .bin/.pt files are "
-                              "never loaded: convert them to safetensors first")
-    tensors = {}
-    for path in files:
-        tensors.update({k: np.asarray(v) for k, v in load_file(path).items()})
-    return tensors
+def _with_dtype(model: model_lib.BaseModel, dtype: str) -> model_lib.BaseModel:
+    config = dataclasses.replace(model.config, dtype=dtype, param_dtype=dtype)
+    return dataclasses.replace(model, config=config)
+
+
+def _expected_shapes(model: model_lib.BaseModel) -> dict[str, tuple[int, ...]]:
+    """{our param path: shape} of `model`, from abstract initialization (no arrays are made)."""
+    import flax.linen as nn
+    import jax
+
+    shapes = model.input_shapes(1, {"inputs": 8, "targets": 8})
+    abstract = nn.meta.unbox(jax.eval_shape(lambda: model.init_params(jax.random.key(0), shapes)))
+    return {name: tuple(s.shape) for name, s in checkpoints.flatten(abstract).items()}
+
+
+def _arch_module(model: model_lib.BaseModel):
+    if isinstance(model, model_lib.DecoderOnlyModel) and isinstance(model.config, decoder_only.LlamaConfig):
+        return hf_llama
+    if isinstance(model, model_lib.EncoderDecoderModel) and isinstance(model.config, encoder_decoder.T5Config):
+        return hf_t5
+    raise ConversionError(f"no Hugging Face mapping for {type(model).__name__} with {type(model.config).__name__}")
+
+
+def _checked_table(model: model_lib.BaseModel, table: list[Entry]) -> dict[str, tuple[int, ...]]:
+    """The model's param shapes, after checking that the name table covers exactly its params."""
+    expected = _expected_shapes(model)
+    covered = {e.ours for e in table}
+    if covered != set(expected):
+        raise ConversionError(  # a model change the converter has not followed
+            f"the name table for {type(model.config).__name__} is out of date: params without an entry "
+            f"{sorted(set(expected) - covered)}, entries without a param {sorted(covered - set(expected))}")
+    return expected
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
 def hf_to_params(hf_dir: str) -> tuple[model_lib.BaseModel, dict]:
-    """(model, param tree of numpy arrays) from a Hugging Face model directory."""
-    config_path = os.path.join(hf_dir, "config.json")
-    if not os.path.exists(config_path):
-        raise ConversionError(f"no config.json in {hf_dir!r}")
-    with open(config_path, encoding="utf-8") as f:
-        model = model_from_hf_config(json.load(f))
-    tensors = _read_safetensors(hf_dir)
-    if isinstance(model, model_lib.EncoderDecoderModel) and "lm_head.weight" not in tensors and "shared.weight" in tensors:
-        tensors["lm_head.weight"] = tensors["shared.weight"]  # saved tied (transformers 5)
-    table, head_dim = _table(model)
-    missing = [hf for _, hf, _ in table if hf not in tensors]
-    if missing:
-        raise ConversionError(f"tensors missing from {hf_dir}: {', '.join(missing)}")
-    used = {hf for _, hf, _ in table}
-    # HF stores tied copies (embed_tokens of each T5 stack, rotary caches) that carry no extra weights.
-    extra = [k for k in tensors if k not in used and not k.endswith(("embed_tokens.weight", "rotary_emb.inv_freq"))]
-    if extra:
-        raise ConversionError(f"unexpected tensors in {hf_dir} (the model has no place for them): {', '.join(extra)}")
-    return model, checkpoints.unflatten({ours: mapping.to_ours(tensors[hf], layout, head_dim) for ours, hf, layout in table})
+    """(model, param tree of numpy arrays) from a Hugging Face model directory.
+
+    The model's dtype and param_dtype are the stored tensors' common float dtype (float32 if mixed).
+    Raises ConversionError naming unsupported config fields, and listing missing tensors, tensors whose
+    shape disagrees with the config, unexpected tensors, and tied copies that differ from their source.
+    """
+    spec = import_spec(read_hf_config(hf_dir))
+    tensors = safetensors_io.read_tensors(hf_dir)
+    expected = _checked_table(spec.model, spec.table)
+    values, missing, misshapen = {}, [], []
+    for e in spec.table:
+        name = e.hf if e.hf in tensors else spec.aliases.get(e.hf, e.hf)
+        if name not in tensors:
+            missing.append(e.hf)
+            continue
+        x, want = tensors[name], hf_shape(expected[e.ours], e.layout)
+        if x.shape != want:
+            misshapen.append(f"{name} {x.shape} (config.json implies {want})")
+        elif not np.issubdtype(x.dtype, np.floating) and x.dtype.name != "bfloat16":
+            misshapen.append(f"{name} has dtype {x.dtype}, not a float dtype")
+        else:
+            values[e.ours] = to_ours(x, e.layout, expected[e.ours])
+    table_names = {e.hf for e in spec.table}
+    unexpected, untied = [], []
+    for name, x in tensors.items():
+        if name in table_names or name.endswith(spec.ignored_suffixes):
+            continue
+        source = spec.aliases.get(name)
+        if source is None:
+            unexpected.append(name)
+        elif source in tensors and not _same_bits(x, tensors[source]):
+            untied.append(f"{name} (differs from {source}, which the model ties it to)")
+    problems = [f"{label}: {', '.join(items)}" for label, items in (
+        ("tensors missing", missing), ("tensors with the wrong shape or dtype", misshapen),
+        ("unexpected tensors (the model has no place for them)", unexpected), ("untied copies", untied)) if items]
+    if problems:
+        raise ConversionError(f"cannot convert the weights in {hf_dir}:\n  " + "\n  ".join(problems))
+    dtypes = {v.dtype.name for v in values.values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in DTYPES else "float32"
+    values = {k: v if v.dtype.name == dtype else v.astype(np.float32) for k, v in values.items()}
+    return _with_dtype(spec.model, dtype), checkpoints.unflatten(values)
 
 
-def params_to_hf(model: model_lib.BaseModel, params: dict) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config.json dict, {HF name: array}) for a model and its params."""
-    flat = checkpoints.flatten(params)
-    table, _ = _table(model)
-    tensors = {hf: np.ascontiguousarray(mapping.to_hf(np.asarray(flat[ours]), layout)) for ours, hf, layout in table}
-    cfg = model.config
-    if isinstance(cfg, decoder_only.LlamaConfig):
-        config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
-                  "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.num_layers,
-                  "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-                  "head_dim": cfg.resolved_head_dim, "rms_norm_eps": cfg.rms_norm_eps, "hidden_act": "silu",
-                  "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
-                  "tie_word_embeddings": cfg.tie_embeddings, "max_position_embeddings": cfg.max_length,
-                  "attention_bias": False, "mlp_bias": False}
-    else:
-        for stack in ("encoder", "decoder"):
-            tensors[f"{stack}.embed_tokens.weight"] = tensors["shared.weight"]
-        config = {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": cfg.vocab_size,
-                  "d_model": cfg.d_model, "d_kv": cfg.head_dim, "d_ff": cfg.mlp_dim, "num_layers": cfg.num_encoder_layers,
-                  "num_decoder_layers": cfg.num_decoder_layers, "num_heads": cfg.num_heads,
-                  "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
-                  "relative_attention_max_distance": cfg.relative_attention_max_distance,
-                  "layer_norm_epsilon": cfg.rms_norm_eps, "feed_forward_proj": "gated-gelu",
-                  "tie_word_embeddings": False, "scale_decoder_outputs": False, "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}
+def params_to_hf(model: model_lib.BaseModel, params: Mapping[str, Any]) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config.json dict, {HF name: numpy array}) for a model and its params (boxed or not).
+
+    Params the name table does not know (e.g. unmerged LoRA factors) raise ConversionError.
+    """
+    import flax.linen as nn
+
+    module = _arch_module(model)
+    table = module.table(model.config)
+    flat = checkpoints.flatten(nn.meta.unbox(params))
+    known = {e.ours for e in table}
+    missing, extra = sorted(known - set(flat)), sorted(set(flat) - known)
+    if missing or extra:
+        raise ConversionError(f"params do not match {type(model.config).__name__}: missing {missing}, "
+                              f"not exportable {extra} (merge adapters into the base weights first)")
+    tensors = {e.hf: to_hf(np.asarray(flat[e.ours]), e.layout) for e in table}
+    config = module.hf_config(model.config)
+    dtypes = {v.dtype.name for v in tensors.values()}
+    if len(dtypes) == 1:  # the dtype actually stored, which may differ from the config's param_dtype
+        config["dtype"] = config["torch_dtype"] = dtypes.pop()
     return config, tensors
 
 
-def gin_config(model: model_lib.BaseModel) -> str:
-    """Gin text whose MODEL macro rebuilds `model` (the format of gin_configs/models/*.gin)."""
+def gin_config(model: model_lib.BaseModel, source: str | None = None) -> str:
+    """Gin text whose MODEL macro rebuilds `model`, in the format of gin_configs/models/*.gin.
+
+    Compute and param dtypes go through the COMPUTE_DTYPE / PARAM_DTYPE macros, so `--gin.PARAM_DTYPE`
+    overrides them as for the hand-written model configs.
+    """
+    module = _arch_module(model)
     cfg = model.config
-    module, cls = ("decoder_only", "LlamaConfig") if isinstance(cfg, decoder_only.LlamaConfig) else \
-        ("encoder_decoder", "T5Config")
-    lines = ["from __gin__ import dynamic_registration", f"from lmops_jax.models import {module}",
-             "from lmops_jax.models import model", "", f"MODEL = @model.{type(model).__name__}()",
-             f"model.{type(model).__name__}.config = @{module}.{cls}()"]
-    for field, value in vars(cfg).items():
-        lines.append(f"{module}.{cls}.{field} = {value!r}")
+    mod_name = "decoder_only" if module is hf_llama else "encoder_decoder"
+    cls, wrapper = type(cfg).__name__, type(model).__name__
+    lines = [f"# Converted from Hugging Face {source}." if source else "# Converted from Hugging Face.",
+             "from __gin__ import dynamic_registration", f"from lmops_jax.models import {mod_name}",
+             "from lmops_jax.models import model", "", f"MODEL = @model.{wrapper}()",
+             f"model.{wrapper}.config = @{mod_name}.{cls}()", f"{mod_name}.{cls}:"]
+    for field in dataclasses.fields(cfg):
+        if field.name not in ("dtype", "param_dtype"):
+            lines.append(f"  {field.name} = {getattr(cfg, field.name)!r}")
+    lines += ["  dtype = %COMPUTE_DTYPE", "  param_dtype = %PARAM_DTYPE", "",
+              f"COMPUTE_DTYPE = {cfg.dtype!r}", f"PARAM_DTYPE = {cfg.param_dtype!r}"]
     return "\n".join(lines) + "\n"
 
 
-def import_hf(hf_dir: str, out_dir: str, dtype: str | None = None) -> str:
-    """Converts a Hugging Face directory into an Orbax checkpoint + model.gin in `out_dir`."""
-    import dataclasses
+def load_checkpoint(checkpoint_path: str) -> tuple[model_lib.BaseModel, dict]:
+    """(model from the stored gin config's MODEL macro, params as host numpy arrays) of a checkpoint.
 
+    Params are restored with `checkpoints.restore_params` onto one device (replicated), in the model's
+    param dtype; a train-state checkpoint works too (its optimizer state is ignored).
+    """
     import jax
-    import jax.numpy as jnp
+
+    from lmops_jax import inference, partitioning
+
+    text = checkpoints.read_config(checkpoint_path)
+    if not text.strip():
+        raise ConversionError(f"checkpoint {checkpoint_path!r} has no stored gin config to tell its architecture")
+    model, _ = inference.model_from_gin(text, checkpoint_path)
+    _arch_module(model)
+    part = partitioning.Partitioner({"data": 1}, devices=jax.devices()[:1])
+    abstract, shardings = inference.param_shardings(model, part)
+    params = checkpoints.restore_params(checkpoint_path, abstract, shardings)
+    return model, jax.tree.map(np.asarray, jax.device_get(params))
+
+
+def import_hf(hf_dir: str, out_dir: str, dtype: str | None = None) -> str:
+    """Converts a Hugging Face directory into a params-only Orbax checkpoint + model.gin in `out_dir`.
+
+    Args:
+      hf_dir: directory with config.json and *.safetensors (sharded with an index, or not).
+      out_dir: model directory to create; must not hold checkpoints already.
+      dtype: 'float32', 'bfloat16' or 'float16' for params and compute; None keeps the stored dtype.
+
+    Returns the checkpoint step directory.
+    """
+    from lmops_jax import inference
+
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"dtype must be None or one of {DTYPES}, got {dtype!r}")
+    existing = os.path.join(out_dir, checkpoints.CHECKPOINTS_SUBDIR)
+    if os.path.isdir(existing) and os.listdir(existing):
+        raise ConversionError(f"{out_dir} already holds checkpoints: import into an empty directory")
     model, params = hf_to_params(hf_dir)
-    if dtype is not None:
-        model = dataclasses.replace(model, config=dataclasses.replace(model.config, dtype=dtype, param_dtype=dtype))
-        params = jax.tree.map(lambda a: np.asarray(jnp.asarray(a, dtype)), params)
-    text = gin_config(model)
+    if dtype is not None and dtype != model.config.param_dtype:
+        model = _with_dtype(model, dtype)
+        params = checkpoints.unflatten({k: v.astype(_np_dtype(dtype)) for k, v in checkpoints.flatten(params).items()})
+    arch = _architecture(read_hf_config(hf_dir))
+    text = gin_config(model, f"{arch} in {os.path.abspath(hf_dir)}")
+    rebuilt, _ = inference.model_from_gin(text, "the generated model.gin")
+    if rebuilt != model:  # the text must rebuild the model exactly, or later loads would differ
+        raise ConversionError(f"generated gin config rebuilds {rebuilt}, not {model}")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "model.gin"), "w", encoding="utf-8") as f:
         f.write(text)
     return checkpoints.save_params(out_dir, params, text)
 
 
-def export_hf(checkpoint_path: str, out_dir: str) -> None:
-    """Writes config.json + model.safetensors for a checkpoint whose stored gin config names the model."""
-    import jax
-    from safetensors.flax import save_file
+def _np_dtype(name: str) -> np.dtype:
+    import ml_dtypes  # numpy has no bfloat16 of its own
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
-    from lmops_jax import inference, partitioning
-    text = checkpoints.read_config(checkpoint_path)
-    if not text.strip():
-        raise ConversionError(f"checkpoint {checkpoint_path!r} has no stored gin config to tell its architecture")
-    model, _ = inference.model_from_gin(text, checkpoint_path)
-    part = partitioning.Partitioner({"data": 1}, devices=jax.devices()[:1])
-    abstract, shardings = inference.param_shardings(model, part)
-    params = jax.device_get(checkpoints.restore_params(checkpoint_path, abstract, shardings))
+
+def export_hf(checkpoint_path: str, out_dir: str,
+              max_shard_bytes: int = safetensors_io.DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """Writes config.json + safetensors weights (sharded above `max_shard_bytes`) for a checkpoint.
+
+    The checkpoint's stored gin config names the model; returns the written paths.
+    """
+    model, params = load_checkpoint(checkpoint_path)
     config, tensors = params_to_hf(model, params)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+    paths = safetensors_io.write_tensors(out_dir, tensors, max_shard_bytes)
+    config_path = os.path.join(out_dir, "config.json")
+    with open(config_path, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
-    save_file({k: jax.numpy.asarray(v) for k, v in tensors.items()}, os.path.join(out_dir, "model.safetensors"))
+    return [config_path] + paths

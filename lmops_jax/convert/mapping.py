@@ -1,77 +1,107 @@
-"""Weight-name tables between Hugging Face state dicts and lmops_jax parameter trees.
+"""Shared pieces of the Hugging Face bridge: the error type, name-table entries and tensor layouts.
 
-One table serves both directions, so export is the exact inverse of import. Each entry is
-(our path, HF name, layout) where layout says how the HF tensor (PyTorch [out, in] order) becomes ours:
-  "same"      identical (embeddings, norm scales, T5 relative-position tables)
-  "t"         transposed [out, in] -> [in, out]
-  "t_heads"   q/k/v: [H*Dh, D] -> [D, H, Dh] (transpose, then split the head dimension)
-  "t_out"     o:     [D, H*Dh] -> [H, Dh, D]
+A name table lists (our path, HF name, layout) triples; one table serves both directions, so export is
+the exact inverse of import. The layout says how an HF tensor (PyTorch [out, in] order) becomes ours:
+
+    "same"     identical (embeddings, norm scales, T5 relative-position tables)
+    "t"        transposed [out, in] -> [in, out]
+    "t_heads"  q/k/v projections: [H*Dh, D] -> [D, H, Dh] (transpose, then split the head dimension)
+    "t_out"    output projection:  [D, H*Dh] -> [H, Dh, D]
+
+Transposes and reshapes move values without arithmetic, so a round trip is bitwise exact.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Mapping
+
 import numpy as np
 
-from lmops_jax.models.decoder_only import LlamaConfig
-from lmops_jax.models.encoder_decoder import T5Config
-
-Entry = tuple[str, str, str]
+LAYOUTS = ("same", "t", "t_heads", "t_out")
 
 
-def llama_table(cfg: LlamaConfig) -> list[Entry]:
-    table = [("embed_tokens/embedding", "model.embed_tokens.weight", "same"), ("norm/scale", "model.norm.weight", "same")]
-    for i in range(cfg.num_layers):
-        hf, us = f"model.layers.{i}", f"layers_{i}"
-        table += [(f"{us}/self_attn/{n}_proj/kernel", f"{hf}.self_attn.{n}_proj.weight", "t_heads") for n in "qkv"]
-        table += [(f"{us}/self_attn/o_proj/kernel", f"{hf}.self_attn.o_proj.weight", "t_out")]
-        table += [(f"{us}/mlp/{n}_proj/kernel", f"{hf}.mlp.{n}_proj.weight", "t") for n in ("gate", "up", "down")]
-        table += [(f"{us}/{n}/scale", f"{hf}.{n}.weight", "same") for n in ("input_layernorm", "post_attention_layernorm")]
-    if not cfg.tie_embeddings:
-        table.append(("lm_head/kernel", "lm_head.weight", "t"))
-    return table
+class ConversionError(ValueError):
+    """A Hugging Face directory, config or checkpoint that cannot be converted; the message says why."""
 
 
-def t5_table(cfg: T5Config) -> list[Entry]:
-    table = [("shared/embedding", "shared.weight", "same"), ("lm_head/kernel", "lm_head.weight", "t")]
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One parameter: our '/'-joined path, the Hugging Face tensor name, and the layout between them."""
 
-    def attn(us, hf):
-        return ([(f"{us}/{n}_proj/kernel", f"{hf}.{n}.weight", "t_heads") for n in "qkv"]
-                + [(f"{us}/o_proj/kernel", f"{hf}.o.weight", "t_out")])
+    ours: str
+    hf: str
+    layout: str
 
-    for stack, n_layers in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
-        table += [(f"{stack}/relpos_bias/rel_embedding",
-                   f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "same"),
-                  (f"{stack}/final_norm/scale", f"{stack}.final_layer_norm.weight", "same")]
-        for i in range(n_layers):
-            us, hf = f"{stack}/layers_{i}", f"{stack}.block.{i}.layer"
-            table += [(f"{us}/self_attn_norm/scale", f"{hf}.0.layer_norm.weight", "same")]
-            table += attn(f"{us}/self_attn", f"{hf}.0.SelfAttention")
-            ff = 1
-            if stack == "decoder":
-                table += [(f"{us}/cross_attn_norm/scale", f"{hf}.1.layer_norm.weight", "same")]
-                table += attn(f"{us}/cross_attn", f"{hf}.1.EncDecAttention")
-                ff = 2
-            table += [(f"{us}/mlp_norm/scale", f"{hf}.{ff}.layer_norm.weight", "same")]
-            table += [(f"{us}/mlp/{ours}/kernel", f"{hf}.{ff}.DenseReluDense.{theirs}.weight", "t")
-                      for ours, theirs in (("gate_proj", "wi_0"), ("up_proj", "wi_1"), ("down_proj", "wo"))]
-    return table
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"Entry {self.hf!r}: layout {self.layout!r} is not one of {LAYOUTS}")
 
 
-def to_ours(x: np.ndarray, layout: str, head_dim: int) -> np.ndarray:
-    """HF tensor -> our layout; the head count follows from the shape and `head_dim`."""
+@dataclasses.dataclass(frozen=True)
+class ImportSpec:
+    """What an architecture module derives from a Hugging Face config.json.
+
+    Attributes:
+      model: our model wrapper (a `BaseModel`), float32 until the stored dtype is known.
+      table: the name table; every entry's HF tensor is required.
+      aliases: {HF name: HF name it duplicates}. A table name missing from the files is read from its
+        alias (e.g. T5's lm_head saved tied to `shared`); a non-table name present in the files must
+        equal its alias bitwise (a tied copy), else the model cannot represent it.
+      ignored_suffixes: HF tensors that carry no weights (rotary caches, unused buffers).
+    """
+
+    model: Any
+    table: list[Entry]
+    aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    ignored_suffixes: tuple[str, ...] = ()
+
+
+def require(cfg: Mapping[str, Any], field: str, kind: type | tuple[type, ...] = int) -> Any:
+    """cfg[field], checked for presence and type; raises ConversionError naming the field."""
+    if field not in cfg or cfg[field] is None:
+        raise ConversionError(f"config.json lacks the field {field!r}")
+    value = cfg[field]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise ConversionError(f"config.json field {field}={value!r} has the wrong type (want {kind})")
+    return value
+
+
+def refuse_unless(cfg: Mapping[str, Any], field: str, allowed: tuple, default: Any, why: str = "") -> None:
+    """Raises ConversionError naming `field` when its value (or `default`) is not in `allowed`."""
+    value = cfg.get(field, default)
+    if value not in allowed:
+        raise ConversionError(f"config.json field {field}={value!r} is not supported (supported: "
+                              f"{', '.join(repr(a) for a in allowed)}){': ' + why if why else ''}")
+
+
+def hf_shape(our_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    """The shape of the Hugging Face tensor that maps onto a parameter of `our_shape`."""
+    if layout == "same":
+        return tuple(our_shape)
+    if layout == "t":
+        return tuple(reversed(our_shape))
+    if layout == "t_heads":
+        d, h, dh = our_shape
+        return (h * dh, d)
+    h, dh, d = our_shape
+    return (d, h * dh)
+
+
+def to_ours(x: np.ndarray, layout: str, our_shape: tuple[int, ...]) -> np.ndarray:
+    """HF tensor -> our layout (`our_shape` gives the head split)."""
     if layout == "same":
         return x
-    if layout == "t":
-        return x.T
-    if layout == "t_heads":
-        return x.T.reshape(x.shape[1], x.shape[0] // head_dim, head_dim)
-    return x.T.reshape(x.shape[1] // head_dim, head_dim, x.shape[0])
+    return x.T.reshape(our_shape)
 
 
 def to_hf(x: np.ndarray, layout: str) -> np.ndarray:
+    """Our parameter -> the HF tensor (C-contiguous, ready to serialize)."""
     if layout == "same":
-        return x
-    if layout == "t":
-        return x.T
-    if layout == "t_heads":
-        return x.reshape(x.shape[0], -1).T
-    return x.reshape(-1, x.shape[-1]).T
+        out = x
+    elif layout == "t":
+        out = x.T
+    elif layout == "t_heads":
+        out = x.reshape(x.shape[0], -1).T
+    else:
+        out = x.reshape(-1, x.shape[-1]).T
+    return np.ascontiguousarray(out)
