@@ -84,6 +84,9 @@ class OptimizerConfig:
       clip_grad_norm: global-norm clipping threshold; None or 0 disables it.
       frozen: regexes of parameter paths whose updates are zero (their optimizer state is not even
         allocated), e.g. ['embed_tokens', 'layers_[0-3]/'].
+      trainable: when non-empty, only parameters whose path matches one of these regexes are trained;
+        all others are frozen as by `frozen` (e.g. ['_lora_[ab]$'] for LoRA adapters). Both lists
+        apply: a parameter matching `trainable` and `frozen` is frozen.
     """
 
     name: str = "adamw"
@@ -100,12 +103,22 @@ class OptimizerConfig:
     weight_decay_exclude: Sequence[str] = ()
     clip_grad_norm: float | None = 1.0
     frozen: Sequence[str] = ()
+    trainable: Sequence[str] = ()
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.name!r}; choose one of {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown learning-rate schedule {self.schedule!r}; choose one of {SCHEDULES}")
+        for field in ("frozen", "trainable", "weight_decay_exclude"):
+            patterns = getattr(self, field)
+            if isinstance(patterns, str):
+                raise TypeError(f"OptimizerConfig.{field} must be a list of regexes, got the string {patterns!r}")
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise ValueError(f"OptimizerConfig.{field}: bad regex {pattern!r}: {e}") from e
 
     def learning_rate_schedule(self, num_train_steps: int) -> optax.Schedule:
         decay = self.decay_steps if self.decay_steps is not None else num_train_steps
@@ -118,6 +131,19 @@ class OptimizerConfig:
         if excluded is None:
             return ndim_ok
         return jax.tree.map(lambda ok, ex: bool(ok) and not ex, ndim_ok, excluded)
+
+    def frozen_mask(self, params: Any) -> Any:
+        """Bool pytree over `params` (arrays or shapes): True for parameters that are never updated."""
+        frozen = path_mask(params, self.frozen) if self.frozen else jax.tree.map(lambda _: False, params)
+        if not self.trainable:
+            return frozen
+        untrained = path_mask(params, self.trainable, match_value=False)
+        return jax.tree.map(lambda a, b: bool(a) or bool(b), frozen, untrained)
+
+    def trainable_count(self, params: Any) -> int:
+        """Number of parameter values this optimizer updates."""
+        frozen = jax.tree.leaves(self.frozen_mask(params))
+        return int(sum(int(p.size) for p, f in zip(jax.tree.leaves(params), frozen) if not f))
 
     def make(self, num_train_steps: int) -> optax.GradientTransformation:
         """The optax transformation for a run of `num_train_steps` steps."""
@@ -132,9 +158,8 @@ class OptimizerConfig:
             base = optax.chain(optax.add_decayed_weights(self.weight_decay, mask),
                                optax.sgd(schedule, momentum=self.momentum))
         tx = optax.chain(optax.clip_by_global_norm(self.clip_grad_norm), base) if self.clip_grad_norm else base
-        if self.frozen:
-            frozen = list(self.frozen)
+        if self.frozen or self.trainable:
             labels = lambda params: jax.tree.map(  # noqa: E731
-                lambda f: "frozen" if f else "trained", path_mask(params, frozen))
+                lambda f: "frozen" if f else "trained", self.frozen_mask(params))
             tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
         return tx

@@ -21,7 +21,7 @@ from lmops_jax.optimizers import OptimizerConfig
 from lmops_jax.partitioning import Partitioner
 from lmops_jax.summaries import MetricsWriter
 from lmops_jax.trainer import Trainer
-from lmops_jax.train_state import TrainState, param_count
+from lmops_jax.train_state import TrainState, overlay_params, param_count
 
 
 def _check_required(**values: Any) -> None:
@@ -73,19 +73,30 @@ class _StopOnSignals:
 
 def _initial_state(trainer: Trainer, checkpointer: Checkpointer, train_batches: Any, initial_checkpoint_path,
                    assignment_map, init_missing_params) -> tuple[TrainState, str]:
-    """Resume from MODEL_DIR if it has checkpoints, else start from INITIAL_CHECKPOINT_PATH or scratch."""
-    restored = checkpointer.restore_latest(trainer.abstract_state, trainer.state_shardings)
+    """Resume from MODEL_DIR if it has checkpoints, else start from INITIAL_CHECKPOINT_PATH or scratch.
+
+    Checkpoints hold `trainer.checkpoint_view` of the state; when that is a subset of the params (LoRA
+    adapters), a resume takes the rest from INITIAL_CHECKPOINT_PATH (or the seed's init).
+    """
+    def fresh() -> tuple[TrainState, str]:
+        state = trainer.init_state()
+        if not initial_checkpoint_path:
+            return state, "initialized from scratch"
+        params = checkpoints.restore_params(
+            initial_checkpoint_path, trainer.abstract_state.params, trainer.state_shardings.params,
+            assignment_map=assignment_map, init_missing=(lambda: state.params) if init_missing_params else None)
+        return state.replace(params=params), f"params restored from {initial_checkpoint_path}"
+
+    saved_abstract = trainer.checkpoint_view(trainer.abstract_state)
+    restored = checkpointer.restore_latest(saved_abstract, trainer.checkpoint_view(trainer.state_shardings))
     if restored is not None:
         state, data_state, step = restored
         train_batches.set_state(data_state)
+        if saved_abstract is not trainer.abstract_state:  # a partial checkpoint: complete its params
+            base, _ = fresh()
+            state = state.replace(params=overlay_params(base.params, state.params))
         return state, f"resumed from step {step} in {checkpointer.directory}"
-    state = trainer.init_state()
-    if not initial_checkpoint_path:
-        return state, "initialized from scratch"
-    params = checkpoints.restore_params(
-        initial_checkpoint_path, trainer.abstract_state.params, trainer.state_shardings.params,
-        assignment_map=assignment_map, init_missing=(lambda: state.params) if init_missing_params else None)
-    return state.replace(params=params), f"params restored from {initial_checkpoint_path}"
+    return fresh()
 
 
 def train(
@@ -170,6 +181,7 @@ def train(
     trainer = trainer_cls(model=model, partitioner=partitioner, optimizer=optimizer, num_train_steps=train_steps,
                           batch_size=batch_size, task_feature_lengths=task_feature_lengths,
                           num_microbatches=num_microbatches, seed=seed)
+    trainer.check_data(mixture_or_task_name, task_feature_lengths)
 
     os.makedirs(model_dir, exist_ok=True)
     if config_str is not None and jax.process_index() == 0:
@@ -179,7 +191,8 @@ def train(
     checkpointer = Checkpointer(model_dir, checkpoint)
     state, start = _initial_state(trainer, checkpointer, train_batches, initial_checkpoint_path, assignment_map,
                                   init_missing_params)
-    logging.info("%s: %s parameters; mesh %s; rules %s", start, f"{param_count(state.params):,}",
+    logging.info("%s: %s parameters (%s trainable); mesh %s; rules %s", start, f"{param_count(state.params):,}",
+                 f"{trainer.optimizer.trainable_count(state.params):,}",
                  partitioner.axis_sizes, partitioner.rules)
     if peak_flops is None:
         compute_dtype = getattr(getattr(model, "config", None), "dtype", "float32")
@@ -192,7 +205,7 @@ def train(
                      mixture_or_task_name, optimal_loss)
 
     def save(step: int, current: TrainState, force: bool = False) -> None:
-        checkpointer.save(step, current, data_state=train_batches.get_state(), config_str=config_str, force=force)
+        checkpointer.save(step, trainer.checkpoint_view(current), data_state=train_batches.get_state(), config_str=config_str, force=force)
 
     def after_step(step: int, current: TrainState) -> None:
         if stop.requested:

@@ -21,6 +21,17 @@ class TrainState:
     opt_state: Any
 
 
+def overlay_params(base: Mapping[str, Any], partial: Mapping[str, Any]) -> dict:
+    """`base` with the leaves that `partial` (a nested dict holding a subset of its paths) replaced."""
+    out = dict(base)
+    for key, value in partial.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = overlay_params(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def _dict_keys(path) -> tuple[str, ...]:
     return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 

@@ -81,12 +81,19 @@ class Trainer:
                 f"the (micro)batch of {micro} examples (BATCH_SIZE={self.batch_size} / num_microbatches="
                 f"{self.num_microbatches}) must be divisible by the {divisor} batch shards of mesh "
                 f"{self.partitioner.axis_sizes}")
+        patterns = getattr(self.model, "trainable_patterns", ())  # e.g. LoRA: only the adapters train
+        if patterns and not self.optimizer.trainable:
+            self.optimizer = dataclasses.replace(self.optimizer, trainable=tuple(patterns))
         self.tx = self.optimizer.make(self.num_train_steps)
         self.learning_rate_fn = self.optimizer.learning_rate_schedule(self.num_train_steps)
         init_shapes = self.model.input_shapes(1, self.task_feature_lengths)
         self._init_params = lambda rng: self.model.init_params(rng, init_shapes)
         self.abstract_state, self.state_shardings = train_state_lib.state_shardings(
             self.partitioner, self.tx, self._init_params)
+        # Static: which params are differentiated (frozen ones, e.g. a LoRA base, get zero gradients
+        # without their weight-gradient matmuls being computed).
+        self._trained_leaves = [not f for f in jax.tree.leaves(
+            self.optimizer.frozen_mask(self.abstract_state.params))]
         self.batch_sharding = self.partitioner.data_sharding()
         replicated = self.partitioner.replicated
         self._jit_train_step = jax.jit(
@@ -116,13 +123,41 @@ class Trainer:
     def step_input_shardings(self) -> Any:
         return ()
 
+    def check_data(self, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int]) -> None:
+        """Called by `train()` before training, to reject data this trainer cannot use; no check here."""
+
+    def checkpoint_view(self, state: TrainState) -> TrainState:
+        """The part of a train state (or of its abstract / sharding twin) that checkpoints hold.
+
+        All of it, unless the model defines `checkpoint_params(params) -> subset` (LoRA keeps only its
+        adapters; the frozen base comes back from INITIAL_CHECKPOINT_PATH on resume).
+        """
+        select = getattr(self.model, "checkpoint_params", None)
+        return state if select is None else state.replace(params=select(state.params))
+
     def loss_fn(self, params: Any, batch: Batch, rng: jax.Array, loss_normalizer: Any, inputs: Any,
                 step: jax.Array) -> tuple[jax.Array, Metrics]:
         """Loss to differentiate and summed metrics; subclasses (distillation) override this."""
         return self.model.loss_fn(params, batch, rng, loss_normalizer=loss_normalizer)
 
     def _grads(self, params: Any, batch: Batch, rng: jax.Array, inputs: Any, step: jax.Array) -> tuple[Any, Metrics]:
-        grad_fn = jax.grad(lambda p, b, r, n: self.loss_fn(p, b, r, n, inputs, step), has_aux=True)
+        mask = self._trained_leaves
+
+        def grad_fn(p, b, r, n):
+            """Gradients of the trained leaves only; frozen ones (e.g. a LoRA base) get zeros, so their
+            weight-gradient matmuls are never computed."""
+            leaves, treedef = jax.tree.flatten(p)
+
+            def loss(trained: list) -> tuple[jax.Array, Metrics]:
+                it = iter(trained)
+                full = [next(it) if m else jax.lax.stop_gradient(x) for x, m in zip(leaves, mask)]
+                return self.loss_fn(jax.tree.unflatten(treedef, full), b, r, n, inputs, step)
+
+            g, metrics = jax.grad(loss, has_aux=True)([x for x, m in zip(leaves, mask) if m])
+            it = iter(g)
+            return jax.tree.unflatten(treedef, [next(it) if m else jnp.zeros_like(x)
+                                                for x, m in zip(leaves, mask)]), metrics
+
         normalizer = jnp.maximum(jnp.sum(batch[WEIGHTS_KEY].astype(jnp.float32)), 1.0)
         n = self.num_microbatches
         if n == 1:
@@ -220,7 +255,7 @@ class Trainer:
                 host = jax.device_get(metrics)
                 elapsed = time.perf_counter() - timer_start
                 record = summarize(host)
-                record.update(grad_norm=float(host["grad_norm"]), learning_rate=float(host["learning_rate"]))
+                record.update({k: float(v) for k, v in host.items() if not k.endswith("_sum")})
                 if step > timer_step and elapsed > 0:
                     tokens_per_s = (step - timer_step) * tokens_per_step / elapsed
                     record["tokens_per_s"] = tokens_per_s

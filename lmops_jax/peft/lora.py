@@ -1,0 +1,345 @@
+"""LoRA fine-tuning through qwix: `LoraModel` wraps any model; only the adapters train and are saved.
+
+    model = LoraModel(base=DecoderOnlyModel(cfg), rank=8, alpha=16.0, targets=r".*/(q_proj|v_proj)")
+
+`qwix.apply_lora_to_model` intercepts the `dot_general` of every module whose path (e.g.
+`layers_0/self_attn/q_proj`) fully matches `targets` and adds `kernel_lora_a` [prod(in), r] and
+`kernel_lora_b` [r, prod(out)] beside its `kernel` (A he-uniform, B zeros, so training starts exactly at
+the base model); the output becomes x @ kernel + (x @ A) @ B * alpha / rank. The adapters inherit the
+kernel's logical axes, so they shard with the same rules.
+
+- Frozen base: `trainable_patterns` makes the Trainer restrict its optimizer to the adapters (an optax
+  mask: no optimizer state for the base) and differentiate only them.
+- Adapter-only checkpoints: `checkpoint_params` keeps only the adapters; a resume takes the base from
+  INITIAL_CHECKPOINT_PATH again (train.py), so a run's checkpoints are small.
+- Merging: `merge_lora(params, rank, alpha)` folds the adapters into the kernels and returns params of
+  the base model; `python -m lmops_jax.peft.lora merge ADAPTER_RUN OUT_DIR [BASE_CHECKPOINT]` writes a
+  params-only checkpoint of the merged model that `InferenceModule.from_checkpoint` loads.
+Adapter dropout (qwix) applies only when `compute_logits` gets a PRNG key (training); evaluation and
+scoring (rng=None) run without it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+import sys
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmops_jax.models.model import BaseModel
+from lmops_jax.train_state import overlay_params
+
+LORA_A, LORA_B = "_lora_a", "_lora_b"
+TRAINABLE_PATTERNS = (r"_lora_[ab]$",)
+DEFAULT_TARGETS = r".*/(q_proj|k_proj|v_proj|o_proj)"
+
+
+def is_adapter(name: str) -> bool:
+    return name.endswith(LORA_A) or name.endswith(LORA_B)
+
+
+def _filter(tree: Mapping[str, Any], keep) -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            sub = _filter(value, keep)
+            if sub:
+                out[key] = sub
+        elif keep(str(key)):
+            out[key] = value
+    return out
+
+
+def adapter_params(params: Mapping[str, Any]) -> dict:
+    """The adapter leaves of a param tree (or of any tree with its structure, e.g. shardings)."""
+    return _filter(params, is_adapter)
+
+
+def base_params(params: Mapping[str, Any]) -> dict:
+    """The param tree without its adapters."""
+    return _filter(params, lambda name: not is_adapter(name))
+
+
+def merge_lora(params: Mapping[str, Any], rank: int, alpha: float) -> dict:
+    """Base-model params with every adapter pair folded into its kernel: W + (A @ B) * alpha / rank.
+
+    Args:
+      params: a LoraModel param tree (unboxed arrays).
+      rank, alpha: the LoraModel's; the scale is alpha / rank as in qwix.
+
+    Returns:
+      The base model's param tree (same structure as `base_params(params)`, kernels updated).
+    """
+    scale = alpha / rank
+
+    def merge(tree: Mapping[str, Any], path: str) -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, Mapping):
+                out[key] = merge(value, f"{path}{key}/")
+            elif not is_adapter(key):
+                a, b = tree.get(key + LORA_A), tree.get(key + LORA_B)
+                if a is None and b is None:
+                    out[key] = value
+                    continue
+                if a is None or b is None or key != "kernel" or a.ndim != 2 or b.ndim != 2:
+                    raise NotImplementedError(
+                        f"cannot merge the adapters of {path}{key}: only DenseGeneral kernels (2-D A and B "
+                        "beside a `kernel`) are supported")
+                lead = next((i for i in range(value.ndim + 1) if math.prod(value.shape[:i]) == a.shape[0]), None)
+                if lead is None or math.prod(value.shape[lead:]) != b.shape[1]:
+                    raise ValueError(f"adapters of {path}{key} with shapes {a.shape}, {b.shape} do not fit the "
+                                     f"kernel {value.shape}")
+                delta = (a.astype(jnp.float32) @ b.astype(jnp.float32)).reshape(value.shape) * scale
+                out[key] = (value.astype(jnp.float32) + delta).astype(value.dtype)
+        return out
+
+    return merge(params, "")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraModel(BaseModel):
+    """`base` with LoRA adapters on the modules whose path fully matches `targets` (a regex).
+
+    Attributes:
+      base: the model to adapt (any BaseModel over a linen module: Llama, T5).
+      rank: adapter rank r (LORA_RANK).
+      alpha: scale numerator; the update is (x @ A) @ B * alpha / rank (LORA_ALPHA).
+      targets: regex over module paths such as 'layers_0/self_attn/q_proj' (LORA_TARGETS).
+      dropout: dropout on the adapters' input during training.
+    """
+
+    base: BaseModel
+    rank: int = 8
+    alpha: float = 16.0
+    targets: str = DEFAULT_TARGETS
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.base, BaseModel):
+            raise TypeError(f"LoraModel.base must be a model (BaseModel), got {self.base!r}")
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LORA_RANK must be an int >= 1, got {self.rank!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must lie in [0, 1), got {self.dropout}")
+        try:
+            re.compile(self.targets)
+        except (re.error, TypeError) as e:
+            raise ValueError(f"LORA_TARGETS {self.targets!r} is not a regex: {e}") from e
+
+    # Delegation to the base model.
+    @property
+    def z_loss(self) -> float:  # type: ignore[override]
+        return self.base.z_loss
+
+    @property
+    def label_smoothing(self) -> float:  # type: ignore[override]
+        return self.base.label_smoothing
+
+    @property
+    def config(self) -> Any:
+        return getattr(self.base, "config", None)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base.vocab_size
+
+    @property
+    def feature_converter_cls(self) -> type:
+        return self.base.feature_converter_cls
+
+    def input_shapes(self, batch_size, task_feature_lengths):
+        return self.base.input_shapes(batch_size, task_feature_lengths)
+
+    def training_flops_per_token(self, task_feature_lengths):
+        """The base model's count (the adapters add 2 r (in + out) per adapted kernel, not counted)."""
+        return self.base.training_flops_per_token(task_feature_lengths)
+
+    # The adapted module.
+    def _lora_module(self, dropout: float) -> nn.Module:
+        import qwix
+        provider = qwix.LoraProvider(module_path=self.targets, rank=self.rank, alpha=float(self.alpha),
+                                     dropout=dropout)
+        return qwix.apply_lora_to_model(self.base.module, provider)
+
+    @functools.cached_property
+    def module(self) -> nn.Module:
+        """The base module with adapters and without dropout (init, evaluation, scoring)."""
+        return self._lora_module(0.0)
+
+    @functools.cached_property
+    def _train_module(self) -> nn.Module:
+        return self._lora_module(self.dropout) if self.dropout else self.module
+
+    def init_params(self, rng, input_shapes):
+        """Base params (initialized as the base model does) plus adapters; fails if `targets` adapts nothing.
+
+        The adapters are created by applying the adapted module to the unboxed base params, then boxed
+        with logical axes taken from their kernel: A (kernel's first input axis, None), B (None, kernel's
+        first output axis), as qwix derives them. (qwix re-boxing flax's LogicallyPartitioned kernels
+        itself applies the kernel's sharding constraint to the rank-2 adapters, which fails under a mesh.)
+        """
+        base_rng, lora_rng = jax.random.split(rng)
+        base = self.base.init_params(base_rng, input_shapes)
+        _, variables = self.module.apply({"params": nn.meta.unbox(base)}, *self._example_inputs(input_shapes),
+                                         rngs={"params": lora_rng}, mutable=["params"])
+        lora = adapter_params(variables["params"])
+        if not lora:
+            raise ValueError(f"LORA_TARGETS {self.targets!r} matches no module with a matmul weight; module paths "
+                             "look like 'layers_0/self_attn/q_proj' or 'encoder/layers_0/mlp/up_proj'")
+        return overlay_params(base, _box_adapters(lora, base))
+
+    def _example_inputs(self, input_shapes) -> tuple:
+        tokens = lambda name: jnp.ones(input_shapes[name], jnp.int32)  # noqa: E731
+        if "encoder_input_tokens" in input_shapes:
+            return tokens("encoder_input_tokens"), tokens("decoder_input_tokens")
+        return (tokens("decoder_input_tokens"),)
+
+    def compute_logits(self, params, batch, rng=None):
+        """The base model's `compute_logits` run through the adapted module (adapter dropout only with `rng`).
+
+        The base wrapper knows its batch format and applies `self.module`; it is called on a view of
+        itself whose `module` is the adapted one, so any BaseModel built that way can be adapted.
+        """
+        # qwix recognizes weights by type (jax.Array); host (numpy) params would silently skip the adapters.
+        params = jax.tree.map(jnp.asarray, params)
+        if rng is not None and self.dropout > 0:
+            view = _ModuleSwap(self.base, self._train_module, rngs={"dropout": rng})
+        else:
+            view = _ModuleSwap(self.base, self.module)
+        return type(self.base).compute_logits(view, params, batch)
+
+    # Hooks the Trainer and train() use.
+    @property
+    def trainable_patterns(self) -> tuple[str, ...]:
+        return TRAINABLE_PATTERNS
+
+    def checkpoint_params(self, params: Mapping[str, Any]) -> dict:
+        """Adapter-only checkpoints: the base comes back from INITIAL_CHECKPOINT_PATH."""
+        return adapter_params(params)
+
+    def merge(self, params: Mapping[str, Any]) -> dict:
+        """Params of `self.base` with the adapters folded in (for inference without LoRA)."""
+        return merge_lora(params, self.rank, self.alpha)
+
+
+class _ModuleSwap:
+    """A base model seen with another `module` (whose `apply` also gets `rngs`, when given)."""
+
+    def __init__(self, base: BaseModel, module: nn.Module, rngs: Mapping[str, jax.Array] | None = None):
+        self._base, self._module, self._rngs = base, module, rngs
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
+
+    @property
+    def module(self) -> Any:
+        if self._rngs is None:
+            return self._module
+        return _ApplyWithRngs(self._module, self._rngs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ApplyWithRngs:
+    module: nn.Module
+    rngs: Mapping[str, jax.Array]
+
+    def apply(self, variables, *args, **kwargs):
+        return self.module.apply(variables, *args, rngs=self.rngs, **kwargs)
+
+
+def _box_adapters(lora: Mapping[str, Any], base: Mapping[str, Any]) -> dict:
+    """Adapters as LogicallyPartitioned boxes with names derived from the boxed kernel beside them."""
+    out = {}
+    for key, value in lora.items():
+        if isinstance(value, Mapping):
+            out[key] = _box_adapters(value, base.get(key, {}))
+            continue
+        kernel = base.get(key[:-len(LORA_A)])
+        names = getattr(kernel, "names", None)
+        if names is None or value.ndim != 2:
+            out[key] = value
+            continue
+        shape = kernel.value.shape
+        lead = next((i for i in range(len(shape) + 1) if math.prod(shape[:i]) == lora_in_size(lora, key)), None)
+        if lead is None or lead == 0 or lead == len(shape):
+            out[key] = value
+        elif key.endswith(LORA_A):
+            out[key] = nn.LogicallyPartitioned(value, (names[0], None))
+        else:
+            out[key] = nn.LogicallyPartitioned(value, (None, names[lead]))
+    return out
+
+
+def lora_in_size(lora: Mapping[str, Any], key: str) -> int:
+    """Input size (rows of A) of the adapter pair that `key` belongs to."""
+    return lora[key[:-len(LORA_A)] + LORA_A].shape[0]
+
+
+# ----------------------------------------------------------------------------------- merge and export
+def lora_model_from_config(config_text: str, source: str) -> tuple[LoraModel, str | None]:
+    """(the LoraModel that `train` was bound to, INITIAL_CHECKPOINT_PATH or None) of a run's gin config."""
+    import gin
+    from lmops_jax import checkpoints
+    from lmops_jax.inference import isolated_gin
+
+    with isolated_gin():
+        try:
+            gin.parse_config(config_text)
+        except Exception as e:  # gin raises many types
+            raise checkpoints.CheckpointError(f"cannot parse the gin config stored with {source}: {e}") from e
+        if "LoraModel" not in config_text:
+            raise checkpoints.CheckpointError(f"the run stored with {source} binds no LoraModel")
+        try:
+            model = gin.get_configurable(LoraModel)()
+        except Exception as e:
+            raise checkpoints.CheckpointError(f"cannot build the LoraModel of the run stored with {source}: {e}") from e
+        try:
+            initial = gin.query_parameter("INITIAL_CHECKPOINT_PATH/gin.macro.value")
+        except ValueError:
+            initial = None
+    if not isinstance(model, LoraModel):
+        raise checkpoints.CheckpointError(f"the run stored with {source} trains {type(model).__name__}, not a "
+                                          "LoraModel")
+    return model, initial if isinstance(initial, str) else None
+
+
+def export_merged(adapter_checkpoint: str, output_dir: str, base_checkpoint: str | None = None) -> str:
+    """Writes base + merged adapters of a LoRA run as a params-only checkpoint of the base model.
+
+    The base comes from `base_checkpoint` (default: the run's INITIAL_CHECKPOINT_PATH) and the output
+    stores the base checkpoint's gin config, so `InferenceModule.from_checkpoint(output_dir)` loads it.
+    """
+    from lmops_jax import checkpoints, inference
+    from lmops_jax.partitioning import Partitioner
+
+    model, initial = lora_model_from_config(checkpoints.read_config(adapter_checkpoint), adapter_checkpoint)
+    base_checkpoint = base_checkpoint or initial
+    if not base_checkpoint:
+        raise ValueError(f"the run stored with {adapter_checkpoint} names no INITIAL_CHECKPOINT_PATH; pass the "
+                         "base checkpoint")
+    partitioner = Partitioner()
+    abstract, shardings = inference.param_shardings(model, partitioner)
+    base = checkpoints.restore_params(base_checkpoint, base_params(abstract), base_params(shardings))
+    adapters = checkpoints.restore_params(adapter_checkpoint, adapter_params(abstract), adapter_params(shardings))
+    merged = jax.device_get(model.merge(overlay_params(base, adapters)))
+    return checkpoints.save_params(output_dir, merged, checkpoints.read_config(base_checkpoint))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) not in (3, 4) or argv[0] != "merge":
+        print("usage: python -m lmops_jax.peft.lora merge ADAPTER_RUN OUT_DIR [BASE_CHECKPOINT]", file=sys.stderr)
+        return 2
+    path = export_merged(argv[1], argv[2], argv[3] if len(argv) == 4 else None)
+    print(f"merged params written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
