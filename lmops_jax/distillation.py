@@ -1,29 +1,122 @@
-"""DistillationTrainer: a student trained on a frozen teacher's logits in one jitted step.
+"""DistillationTrainer: a student trained on a frozen teacher's outputs in one jitted step.
 
-The teacher is any model the library supports, rebuilt from the gin config stored with its Orbax
-checkpoint and restored params-only onto the student's mesh with its own logical-axis shardings. Its
-params enter the jitted train step as an argument (never closed over as constants), run forward only
-under `stop_gradient`, and are never updated.
+Online teacher. The teacher is any model the library supports, rebuilt from the gin config stored with
+its Orbax checkpoint (`MODEL` macro, parsed in isolation) and restored params-only onto the student's
+mesh with its own logical-axis shardings. Its params enter the jitted train step as an argument
+(`Trainer.step_inputs`; never closed over as constants, never donated), run forward only under
+`stop_gradient`, and are never updated (they are not an argument of the gradient).
+
+Offline teacher. `python -m lmops_jax.distillation dump_topk <the run's flags>` runs the teacher once
+over the run's training stream and stores, per token, its top-k log-probs and ids, the log-prob of
+the target (for `teacher_loss`) and the tokens themselves (see `TopKStore`). With `topk_dir` set, the
+trainer reads batch i's entry for step i instead of running the teacher and uses
+`losses.kd_token_loss_from_topk` (forward KL over the k ids plus one tail bucket holding the mass the
+teacher put outside its top-k). Every batch is checked token for token against the stored one.
+
+On-policy (GKD, Agarwal et al. 2024). With `gkd_lambda` > 0, a fraction lambda of steps (drawn from
+the seed and step, so a resumed run draws the same) replaces each row's targets after its first
+`gkd_prompt_length` tokens by a sample from the current student (`decoding.generate` inside the
+jitted step: with the KV cache for `DecoderOnlyModel` students, else by recomputing the full forward
+pass per token). Teacher and student then score the sampled rows and the loss is the KD term alone
+on the sampled tokens. Rows are treated as one sequence each (exact for `synthetic_lm`).
 
 Per weighted token the student minimizes
     alpha * KD(teacher, student; kind, temperature, beta)  +  (1 - alpha) * CE(student, targets)  +  z-loss
-with KD from `lmops_jax.losses.kd_token_loss` (T^2-scaled forward KL, reverse KL or generalized JSD);
-`alpha` and `temperature` may be optax schedules of the step. Metrics (per weighted token):
-`kd_loss`, `ce_loss`, `teacher_agreement` (top-1), `teacher_loss` (the teacher's CE on the batch).
+(`alpha` and `temperature` may be optax schedules of the step). Losses are sums normalized by the whole
+batch's token weight, so gradient accumulation matches the large batch as for `Trainer`. When the
+rules shard the vocabulary over a mesh axis of size > 1 (`tp` presets), KD, CE, argmax and the top-k
+KD run per vocabulary shard (`lmops_jax.vocab_parallel`): full-vocabulary logits are never gathered.
+Metrics (per weighted token): `kd_loss`, `ce_loss`, `teacher_agreement` (top-1), `teacher_loss` (the
+teacher's CE on the batch); per step: `kd_alpha`, `kd_temperature`, `on_policy`.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import logging
+import math
+import sys
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from lmops_jax import checkpoints, losses
-from lmops_jax.models.model import BaseModel
+from lmops_jax import checkpoints, decoding, losses
+from lmops_jax import vocab_parallel as vp
+from lmops_jax.distillation_store import (TOPK_IDS, TOPK_LOGPROBS, TARGET_LOGPROB, TopKBatches, TopKStore,
+                                          dump_teacher_topk, task_vocabulary_or_none, teacher_from_checkpoint)
+from lmops_jax.models import decoder_only
+from lmops_jax.models.model import BaseModel, DecoderOnlyModel
 from lmops_jax.trainer import Trainer
 
 ScalarOrSchedule = float | Callable[[Any], Any]
+ON_POLICY = "gkd_on_policy"  # batch key: int32 [B], 1 for rows sampled from the student
+
+__all__ = ["DistillationTrainer", "TopKStore", "dump_teacher_topk", "sample_from_student", "main"]
+
+
+def _shift_right(targets: jax.Array) -> jax.Array:
+    return jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+
+
+def sample_from_student(model: BaseModel, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *,
+                        prompt_length: int, temperature: float = 1.0, eos_id: int = 1,
+                        use_cache: bool | None = None) -> dict[str, jax.Array]:
+    """The batch with each row's targets after `prompt_length` tokens sampled from the model (jittable).
+
+    Each row is taken as one sequence from position 0: the prompt is its first `prompt_length` targets,
+    the continuation fills the row. Returns the batch with new `decoder_target_tokens`,
+    `decoder_input_tokens` (targets shifted right), `decoder_loss_weights` (1 on sampled tokens up to
+    and including EOS), segment ids 1 and positions 0..L-1 (when the batch has them).
+    `use_cache` (default: for DecoderOnlyModel) decodes with the KV cache; otherwise every token
+    recomputes the forward pass over the whole row (any decoder-only-format model).
+    """
+    targets = batch["decoder_target_tokens"]
+    size, length = targets.shape
+    if not 0 <= prompt_length < length:
+        raise ValueError(f"prompt_length must lie in [0, {length}) (the targets length), got {prompt_length}")
+    use_cache = isinstance(model, DecoderOnlyModel) if use_cache is None else use_cache
+    prompt = targets[:, :prompt_length]
+    ones = jnp.ones_like(targets)
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=targets.dtype), targets.shape)
+    if use_cache:
+        if not isinstance(model, DecoderOnlyModel):
+            raise ValueError(f"use_cache needs a DecoderOnlyModel, got {type(model).__name__}")
+        cfg = model.config
+        cache = decoder_only.init_cache(cfg, size, length)
+        prefill = jnp.concatenate([jnp.zeros((size, 1), targets.dtype), prompt], axis=1)
+        logits, cache = decoder_only.decode_step(cfg, params, cache, prefill)
+        initial, state = logits[:, -1], cache
+
+        def step(tokens, cache):
+            logits, cache = decoder_only.decode_step(cfg, params, cache, tokens[:, None])
+            return logits[:, 0], cache
+    else:
+        def logits_at(buffer, index):
+            view = {"decoder_input_tokens": _shift_right(buffer), "decoder_target_tokens": buffer,
+                    "decoder_segment_ids": ones, "decoder_positions": positions}
+            return jax.lax.dynamic_index_in_dim(model.compute_logits(params, view), index, 1, keepdims=False)
+
+        buffer = targets.at[:, prompt_length:].set(0)
+        initial = logits_at(buffer, prompt_length)
+        state = {"targets": buffer, "index": jnp.asarray(prompt_length, jnp.int32)}
+
+        def step(tokens, state):
+            buffer = jax.lax.dynamic_update_index_in_dim(state["targets"], tokens.astype(targets.dtype),
+                                                         state["index"], 1)
+            return logits_at(buffer, state["index"] + 1), {"targets": buffer, "index": state["index"] + 1}
+    out = decoding.generate(initial, state, step, max_new_tokens=length - prompt_length, eos_id=eos_id,
+                            method="sample", rng=rng, temperature=temperature)
+    new_targets = jnp.concatenate([prompt, out.tokens.astype(targets.dtype)], axis=1)
+    sampled = jnp.arange(length - prompt_length)[None, :] < out.lengths[:, None]
+    weights = jnp.concatenate([jnp.zeros((size, prompt_length), bool), sampled], axis=1)
+    new = dict(batch)
+    new.update(decoder_target_tokens=new_targets, decoder_input_tokens=_shift_right(new_targets),
+               decoder_loss_weights=weights.astype(batch["decoder_loss_weights"].dtype))
+    if "decoder_segment_ids" in batch:
+        new["decoder_segment_ids"] = ones
+    if "decoder_positions" in batch:
+        new["decoder_positions"] = positions
+    return new
 
 
 @dataclasses.dataclass
@@ -32,12 +125,21 @@ class DistillationTrainer(Trainer):
 
     Attributes (beyond Trainer's):
       teacher_checkpoint: Orbax checkpoint of the teacher (TEACHER_CHECKPOINT); its stored gin config
-        builds the teacher model.
-      kd_loss: 'forward_kl', 'reverse_kl' or 'jsd' (KD_LOSS).
-      kd_temperature: softmax temperature, constant or schedule (KD_TEMPERATURE).
-      kd_alpha: weight of the KD term, constant or schedule (KD_ALPHA).
+        builds the teacher model. With `topk_dir` only its config is read (for the vocabulary checks).
+      kd_loss: 'forward_kl', 'reverse_kl' or 'jsd' (KD_LOSS); offline top-k supports 'forward_kl'.
+      kd_temperature: softmax temperature T > 0, constant or schedule (KD_TEMPERATURE); KD is scaled by T^2.
+      kd_alpha: weight of the KD term in [0, 1], constant or schedule (KD_ALPHA).
       kd_beta: JSD mixture weight of the teacher (KD_BETA).
       teacher_model: overrides the model built from the checkpoint's config.
+      teacher_params: Python API: the teacher's params (then `teacher_model` is required and no
+        checkpoint is read); they are placed on the teacher's shardings.
+      topk_dir: offline mode: a `dump_topk` store of this run's stream (KD_TOPK_DIR).
+      gkd_lambda: fraction of on-policy steps, in [0, 1] (GKD_LAMBDA); needs the online teacher.
+      gkd_prompt_length: tokens of each row kept as the prompt of on-policy samples (GKD_PROMPT_LENGTH).
+      gkd_temperature: sampling temperature of on-policy samples.
+      gkd_eos_id: EOS id ending on-policy samples (-1: never).
+      vocab_parallel: None decides from the rules (vocabulary sharded over a mesh axis of size > 1);
+        False always uses the plain losses (GSPMD may gather the vocabulary); True requires sharding.
     """
 
     teacher_checkpoint: str | None = None
@@ -46,27 +148,103 @@ class DistillationTrainer(Trainer):
     kd_alpha: ScalarOrSchedule = 0.5
     kd_beta: float = 0.5
     teacher_model: BaseModel | None = None
+    teacher_params: Any = None
+    topk_dir: str | None = None
+    gkd_lambda: float = 0.0
+    gkd_prompt_length: int = 0
+    gkd_temperature: float = 1.0
+    gkd_eos_id: int = 1
+    vocab_parallel: bool | None = None
 
     def __post_init__(self):
-        from lmops_jax import inference  # the checkpoint's gin config -> model
+        from lmops_jax import inference  # param shardings of a model under the rules
 
-        if not self.teacher_checkpoint:
-            raise ValueError("DistillationTrainer needs teacher_checkpoint (gin macro TEACHER_CHECKPOINT)")
         if self.kd_loss not in losses.KD_KINDS:
             raise ValueError(f"unknown KD_LOSS {self.kd_loss!r}; choose one of {losses.KD_KINDS}")
+        losses._check_kd_args(self.kd_loss, self.kd_temperature, self.kd_beta)
+        if isinstance(self.kd_alpha, (int, float)) and not 0.0 <= self.kd_alpha <= 1.0:
+            raise ValueError(f"KD_ALPHA must lie in [0, 1], got {self.kd_alpha}")
+        if not 0.0 <= self.gkd_lambda <= 1.0:
+            raise ValueError(f"GKD_LAMBDA must lie in [0, 1], got {self.gkd_lambda}")
+        self.offline = bool(self.topk_dir)
+        self._teacher_task = None
+        if self.teacher_params is not None and self.teacher_model is None:
+            raise ValueError("DistillationTrainer: teacher_params need teacher_model (the model they belong to)")
         if self.teacher_model is None:
-            config = checkpoints.read_config(self.teacher_checkpoint)
-            if not config.strip():
-                raise checkpoints.CheckpointError(
-                    f"teacher checkpoint {self.teacher_checkpoint!r} stores no gin config; pass teacher_model")
-            self.teacher_model, _ = inference.model_from_gin(config, self.teacher_checkpoint)
-        if self.teacher_model.vocab_size != self.model.vocab_size:
-            raise ValueError(
-                f"teacher and student must share a vocabulary: teacher vocab_size={self.teacher_model.vocab_size}, "
-                f"student vocab_size={self.model.vocab_size}")
-        abstract, self._teacher_shardings = inference.param_shardings(self.teacher_model, self.partitioner)
-        self.teacher_params = checkpoints.restore_params(self.teacher_checkpoint, abstract, self._teacher_shardings)
+            if not self.teacher_checkpoint and not self.offline:
+                raise ValueError("DistillationTrainer needs teacher_checkpoint (gin macro TEACHER_CHECKPOINT), "
+                                 "or teacher_model and teacher_params")
+            if self.teacher_checkpoint:
+                self.teacher_model, self._teacher_task = teacher_from_checkpoint(self.teacher_checkpoint)
+        if self.teacher_model is not None:
+            self._check_teacher_matches(self.teacher_model)
+        if self.offline:
+            self._init_offline()
+        else:
+            abstract, self._teacher_shardings = inference.param_shardings(self.teacher_model, self.partitioner)
+            if self.teacher_params is None:
+                self.teacher_params = checkpoints.restore_params(
+                    self.teacher_checkpoint, abstract, self._teacher_shardings)
+            else:
+                self.teacher_params = jax.device_put(self.teacher_params, self._teacher_shardings)
+        if self.gkd_lambda > 0:
+            if self.offline:
+                raise ValueError("on-policy distillation (GKD_LAMBDA > 0) needs the online teacher to score the "
+                                 "student's samples; unset KD_TOPK_DIR")
+            if "encoder_input_tokens" in self.model.input_shapes(1, {"inputs": 1, "targets": 1}):
+                raise NotImplementedError("on-policy distillation samples decoder-only rows; encoder-decoder "
+                                          "students are not supported yet")
+            if not 0 <= self.gkd_prompt_length < int(self.task_feature_lengths["targets"]):
+                raise ValueError(f"GKD_PROMPT_LENGTH={self.gkd_prompt_length} must lie in [0, targets length "
+                                 f"{self.task_feature_lengths['targets']})")
+        self.vocab_parallel_axes = self._vocab_parallel_axes()
         super().__post_init__()
+
+    # --------------------------------------------------------------------------------------- set-up
+    def _check_teacher_matches(self, teacher: BaseModel) -> None:
+        if teacher.vocab_size != self.model.vocab_size:
+            raise ValueError(
+                f"teacher and student must share a vocabulary: teacher vocab_size={teacher.vocab_size}, "
+                f"student vocab_size={self.model.vocab_size}")
+        if teacher.feature_converter_cls is not self.model.feature_converter_cls:
+            raise ValueError(
+                f"teacher and student must read the same batches: the teacher's feature converter is "
+                f"{teacher.feature_converter_cls.__name__}, the student's {self.model.feature_converter_cls.__name__}")
+
+    def _init_offline(self) -> None:
+        if self.kd_loss != "forward_kl":
+            raise ValueError(f"offline top-k distillation (KD_TOPK_DIR) supports KD_LOSS='forward_kl' only, got "
+                             f"{self.kd_loss!r}: the teacher's distribution beyond its top-k is unknown")
+        self.store = TopKStore(self.topk_dir)
+        meta = self.store.meta
+        expected = {"vocab_size": self.model.vocab_size, "batch_size": self.batch_size,
+                    "task_feature_lengths": {k: int(v) for k, v in self.task_feature_lengths.items()}}
+        for key, value in expected.items():
+            if meta.get(key) != value:
+                raise ValueError(f"top-k store {self.topk_dir} was dumped with {key}={meta.get(key)!r}, this run "
+                                 f"has {key}={value!r}; dump it again with this run's flags")
+        if self.store.num_batches < self.num_train_steps:
+            raise ValueError(f"top-k store {self.topk_dir} holds {self.store.num_batches} batches, fewer than the "
+                             f"run's {self.num_train_steps} steps; dump with num_batches >= TRAIN_STEPS")
+        self.teacher_params, self._teacher_shardings = (), ()
+
+    def _vocab_parallel_axes(self) -> tuple[str, Any] | None:
+        """(vocab mesh axis, batch mesh axes) of the logits when the vocabulary is sharded, else None."""
+        micro = self.batch_size // self.num_microbatches
+        shape = (micro, int(self.task_feature_lengths["targets"]), self.model.vocab_size)
+        spec = tuple(self.partitioner.spec(("batch", "length", "act_vocab"), shape))
+        vocab = spec[2] if len(spec) > 2 else None
+        axes = () if vocab is None else ((vocab,) if isinstance(vocab, str) else tuple(vocab))
+        sharded = math.prod(self.partitioner.axis_sizes[a] for a in axes) > 1
+        if self.vocab_parallel is False or (not sharded and self.vocab_parallel is None):
+            return None
+        if not sharded:
+            raise ValueError(f"vocab_parallel=True but the rules {self.partitioner.rules} do not shard the "
+                             f"vocabulary of logits {shape} over a mesh axis of size > 1")
+        if len(axes) != 1:
+            raise NotImplementedError(f"the vocabulary is sharded over several mesh axes {axes}; the vocabulary-"
+                                      "parallel losses take one axis")
+        return axes[0], spec[0] if spec else None
 
     def step_inputs(self) -> Any:
         return self.teacher_params
@@ -74,21 +252,76 @@ class DistillationTrainer(Trainer):
     def step_input_shardings(self) -> Any:
         return self._teacher_shardings
 
+    def check_data(self, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int]) -> None:
+        """Teacher (its checkpoint's task) and student task must share the vocabulary; the top-k store
+        must come from this task and seed."""
+        student_vocab = task_vocabulary_or_none(mixture_or_task_name)
+        if self._teacher_task and self._teacher_task != mixture_or_task_name:
+            teacher_vocab = task_vocabulary_or_none(self._teacher_task)
+            if teacher_vocab is None or student_vocab is None:
+                logging.warning("cannot compare the vocabularies of the teacher's task %r and the student's task "
+                                "%r (not registered here)", self._teacher_task, mixture_or_task_name)
+            elif teacher_vocab != student_vocab:
+                raise ValueError(
+                    f"teacher and student must share a vocabulary: the teacher's task {self._teacher_task!r} uses "
+                    f"{teacher_vocab!r}, the student's task {mixture_or_task_name!r} uses {student_vocab!r}")
+        if self.offline:
+            meta = self.store.meta
+            for key, value in (("mixture_or_task_name", mixture_or_task_name), ("seed", self.seed)):
+                if meta.get(key) != value:
+                    raise ValueError(f"top-k store {self.topk_dir} was dumped with {key}={meta.get(key)!r}, this "
+                                     f"run has {key}={value!r}")
+
+    # ------------------------------------------------------------------------------------- the loss
+    def _ce(self, logits, targets, z_loss=0.0, label_smoothing=0.0):
+        if self.vocab_parallel_axes is None:
+            return losses.cross_entropy_with_logits(logits, targets, z_loss=z_loss, label_smoothing=label_smoothing)
+        axis, batch_axes = self.vocab_parallel_axes
+        return vp.vocab_parallel_cross_entropy(logits, targets, mesh=self.partitioner.mesh, vocab_axis=axis,
+                                               batch_axes=batch_axes, z_loss=z_loss, label_smoothing=label_smoothing)
+
+    def _argmax(self, logits):
+        if self.vocab_parallel_axes is None:
+            return jnp.argmax(logits, axis=-1)
+        return _vocab_parallel_argmax(logits, self.partitioner.mesh, *self.vocab_parallel_axes)
+
+    def _kd(self, student_logits, teacher_logits, temperature):
+        if self.vocab_parallel_axes is None:
+            return losses.kd_token_loss(student_logits, teacher_logits, kind=self.kd_loss, temperature=temperature,
+                                        beta=self.kd_beta)
+        axis, batch_axes = self.vocab_parallel_axes
+        return vp.vocab_parallel_kd_token_loss(
+            student_logits, teacher_logits, mesh=self.partitioner.mesh, kind=self.kd_loss, temperature=temperature,
+            beta=self.kd_beta, vocab_axis=axis, batch_axes=batch_axes)
+
+    def _kd_topk(self, student_logits, logprobs, ids, temperature):
+        if self.vocab_parallel_axes is None:
+            return losses.kd_token_loss_from_topk(student_logits, logprobs, ids, temperature=temperature)
+        return _vocab_parallel_kd_from_topk(student_logits, logprobs, ids, jnp.asarray(temperature),
+                                            self.partitioner.mesh, *self.vocab_parallel_axes)
+
     def loss_fn(self, params, batch, rng, loss_normalizer, inputs, step):
-        teacher_logits = jax.lax.stop_gradient(self.teacher_model.compute_logits(inputs, batch))
         student_logits = self.model.compute_logits(params, batch, rng)
         targets = batch["decoder_target_tokens"]
         weights = batch["decoder_loss_weights"].astype(jnp.float32)
         alpha = losses.resolve_schedule(self.kd_alpha, step)
         temperature = losses.resolve_schedule(self.kd_temperature, step)
-        kd = losses.kd_token_loss(student_logits, teacher_logits, kind=self.kd_loss, temperature=temperature,
-                                  beta=self.kd_beta)
-        ce_and_z, z = losses.cross_entropy_with_logits(
-            student_logits, targets, z_loss=self.model.z_loss, label_smoothing=self.model.label_smoothing)
+        if self.offline:
+            kd = self._kd_topk(student_logits, batch[TOPK_LOGPROBS], batch[TOPK_IDS], temperature)
+            teacher_top1 = batch[TOPK_IDS][..., 0]
+            teacher_ce = -batch[TARGET_LOGPROB].astype(jnp.float32)
+        else:
+            teacher_logits = jax.lax.stop_gradient(
+                self.teacher_model.compute_logits(jax.lax.stop_gradient(inputs), batch))
+            kd = self._kd(student_logits, teacher_logits, temperature)
+            teacher_top1 = self._argmax(teacher_logits)
+            teacher_ce, _ = self._ce(teacher_logits, targets)
+        ce_and_z, z = self._ce(student_logits, targets, self.model.z_loss, self.model.label_smoothing)
         ce = ce_and_z - z
+        if ON_POLICY in batch:  # sampled rows: their "targets" are the student's own tokens, so KD only
+            alpha = jnp.where(batch[ON_POLICY][:, None] > 0, 1.0, alpha)
         token_loss = alpha * kd + (1.0 - alpha) * ce + z
-        teacher_ce, _ = losses.cross_entropy_with_logits(teacher_logits, targets)
-        student_top1 = jnp.argmax(student_logits, axis=-1)
+        student_top1 = self._argmax(student_logits)
         sums = lambda x: jnp.sum(x * weights)  # noqa: E731
         metrics = {
             "loss_sum": sums(token_loss),
@@ -96,8 +329,122 @@ class DistillationTrainer(Trainer):
             "ce_loss_sum": sums(ce),
             "z_loss_sum": sums(z),
             "correct_sum": sums((student_top1 == targets).astype(jnp.float32)),
-            "teacher_agreement_sum": sums((student_top1 == jnp.argmax(teacher_logits, -1)).astype(jnp.float32)),
+            "teacher_agreement_sum": sums((student_top1 == teacher_top1).astype(jnp.float32)),
             "teacher_loss_sum": sums(teacher_ce),
             "weight_sum": jnp.sum(weights),
         }
         return metrics["loss_sum"] / loss_normalizer, metrics
+
+    def _train_step(self, state, batch, inputs):
+        on_policy = jnp.zeros((), bool)
+        if self.gkd_lambda > 0:
+            choose, sample_key = jax.random.split(jax.random.fold_in(jax.random.key(self.seed + 2), state.step))
+            on_policy = jax.random.uniform(choose) < self.gkd_lambda
+            rows = batch["decoder_target_tokens"].shape[0]
+
+            def sampled(b):
+                b = sample_from_student(self.model, jax.lax.stop_gradient(state.params), b, sample_key,
+                                        prompt_length=self.gkd_prompt_length, temperature=self.gkd_temperature,
+                                        eos_id=self.gkd_eos_id)
+                return {**b, ON_POLICY: jnp.ones((rows,), jnp.int32)}
+
+            batch = jax.lax.cond(on_policy, sampled, lambda b: {**b, ON_POLICY: jnp.zeros((rows,), jnp.int32)},
+                                 dict(batch))
+        new_state, metrics = super()._train_step(state, batch, inputs)
+        metrics["kd_alpha"] = jnp.asarray(losses.resolve_schedule(self.kd_alpha, state.step), jnp.float32)
+        metrics["kd_temperature"] = jnp.asarray(losses.resolve_schedule(self.kd_temperature, state.step), jnp.float32)
+        metrics["on_policy"] = on_policy.astype(jnp.float32)
+        return new_state, metrics
+
+    def fit(self, state, train_batches: Iterator, **kwargs):
+        """Trainer.fit; offline, each batch first gets its stored teacher top-k (checked token for token)."""
+        if self.offline:
+            train_batches = TopKBatches(train_batches, self.store, self.batch_sharding)
+        return super().fit(state, train_batches, **kwargs)
+
+
+# ----------------------------------------------------------------------- vocabulary-parallel helpers
+def _vocab_parallel_argmax(logits: jax.Array, mesh, vocab_axis: str, batch_axes) -> jax.Array:
+    """jnp.argmax(logits, -1) (first index on ties) with the vocabulary sharded: only [B, L] values move."""
+    logits_spec, token_spec = vp._specs(mesh, logits.shape, vocab_axis, batch_axes, "logits")
+
+    def local(x):
+        local_max = jnp.max(x, axis=-1)
+        index = jnp.argmax(x, axis=-1).astype(jnp.int32) + jax.lax.axis_index(vocab_axis) * x.shape[-1]
+        best = jax.lax.pmax(local_max, vocab_axis)
+        return jax.lax.pmin(jnp.where(local_max == best, index, jnp.iinfo(jnp.int32).max), vocab_axis)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(logits_spec,), out_specs=token_spec)(
+        jax.lax.stop_gradient(logits))
+
+
+def _vocab_parallel_kd_from_topk(student_logits, logprobs, ids, temperature, mesh, vocab_axis: str, batch_axes):
+    """losses.kd_token_loss_from_topk with the student's vocabulary sharded over `vocab_axis`."""
+    vocab = student_logits.shape[-1]
+    k = logprobs.shape[-1]
+    logits_spec, token_spec = vp._specs(mesh, student_logits.shape, vocab_axis, batch_axes, "student_logits")
+    topk_spec = jax.sharding.PartitionSpec(*token_spec, None)
+
+    def local(student, stored, ids, temperature):
+        student = losses._upcast(student)
+        temperature = temperature.astype(student.dtype)
+        log_q, _ = vp._log_softmax(student / temperature, vocab_axis)
+        shard = log_q.shape[-1]
+        local_ids = ids.astype(jnp.int32) - jax.lax.axis_index(vocab_axis) * shard
+        here = (local_ids >= 0) & (local_ids < shard)
+        picked = jnp.take_along_axis(log_q, jnp.clip(local_ids, 0, shard - 1), axis=-1)
+        log_q_top = jax.lax.psum(jnp.where(here, picked, 0.0), vocab_axis)
+        stored = stored.astype(student.dtype)
+        log_kept = jax.nn.logsumexp(stored, axis=-1, keepdims=True)
+        log_p_top = log_kept + jax.nn.log_softmax(stored / temperature, axis=-1)
+        loss = jnp.sum(losses._kl_terms(log_p_top, log_q_top), axis=-1)
+        if k < vocab:
+            kept = jnp.minimum(log_kept[..., 0], 0.0)
+            log_rest = jnp.where(kept < 0.0, jnp.log(-jnp.expm1(jnp.minimum(kept, -1e-30))), -jnp.inf)
+            flat = log_q.reshape(-1, shard)
+            rows = jnp.arange(flat.shape[0])[:, None]
+            cols = jnp.where(here, local_ids, shard).reshape(flat.shape[0], k)  # out of range: dropped
+            in_topk = jnp.zeros(flat.shape, bool).at[rows, cols].set(True, mode="drop").reshape(log_q.shape)
+            masked = jnp.where(in_topk, -jnp.inf, log_q)
+            m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(masked, axis=-1)), vocab_axis)
+            m = jnp.where(jnp.isfinite(m), m, 0.0)
+            log_q_rest = m + jnp.log(jax.lax.psum(jnp.sum(jnp.exp(masked - m[..., None]), axis=-1), vocab_axis))
+            loss = loss + losses._kl_terms(log_rest, log_q_rest)
+        return jnp.square(temperature) * loss
+
+    scalar = jax.sharding.PartitionSpec()
+    return jax.shard_map(local, mesh=mesh, in_specs=(logits_spec, topk_spec, topk_spec, scalar),
+                         out_specs=token_spec)(student_logits, logprobs, ids, temperature)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m lmops_jax.distillation dump_topk <the distillation run's flags>`: writes KD_TOPK_DIR."""
+    import gin
+    from lmops_jax import gin_utils
+    from lmops_jax import distillation_store
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout,
+                        force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "dump_topk":
+        print("usage: python -m lmops_jax.distillation dump_topk --gin_file=... [--gin.NAME=VALUE ...]\n"
+              "  (the flags of the distillation run, with KD_TOPK_DIR and KD_TOPK set)", file=sys.stderr)
+        sys.exit(2)
+    try:
+        args = gin_utils.parse_flags(argv[1:])
+        gin_utils.parse(args.gin_file, args.gin_bindings, args.gin_search_paths.split(","))
+        try:
+            dump = gin.get_configurable(distillation_store.dump_teacher_topk)
+        except ValueError as e:
+            raise gin_utils.GinConfigError("the gin files bind nothing to dump_teacher_topk; include "
+                                           f"gin_configs/runs/distill.gin ({e})") from e
+        dump()
+    except gin_utils.GinConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from lmops_jax import checkpoints, distillation, optimizers, partitioning, trainer
+import flax.linen as nn
+import jax.numpy as jnp
+
+from lmops_jax import checkpoints, distillation, distillation_store, losses, optimizers, partitioning, trainer
 from tests.helpers import lm_batch, tiny_llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +59,10 @@ def test_teacher_gets_no_update_and_metrics_are_reported(teacher_dir):
         state, metrics = t.train_step(state, _batch())
     for a, b in zip(jax.tree.leaves(jax.device_get(t.teacher_params)), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)
+    # The loss has no gradient with respect to the teacher's params (stop_gradient on its forward).
+    batch = jax.tree.map(jax.numpy.asarray, _batch())
+    teacher_grads = jax.grad(lambda tp: t.loss_fn(state.params, batch, None, 1.0, tp, 0)[0])(t.teacher_params)
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(teacher_grads))
     summary = trainer.summarize(jax.device_get(metrics))
     for key in ("loss", "kd_loss", "ce_loss", "teacher_agreement", "teacher_loss", "accuracy"):
         assert np.isfinite(summary[key]), key
@@ -104,3 +111,116 @@ def test_distill_recipe_runs_from_the_cli(teacher_dir, tmp_path):
     last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("kd_loss", "ce_loss", "teacher_agreement", "teacher_loss", "eval/loss"):
         assert key in last, key
+
+
+def _in_memory_student(mesh, rules, devices=None, **kw):
+    teacher = tiny_llama(vocab_size=512, num_layers=2)
+    params = nn.meta.unbox(teacher.init_params(jax.random.key(7), teacher.input_shapes(1, {"targets": 16})))
+    p = partitioning.Partitioner(mesh, rules, devices=devices)
+    return distillation.DistillationTrainer(
+        tiny_llama(vocab_size=512), p, optimizers.OptimizerConfig(warmup_steps=0), 10, 8, {"targets": 16},
+        teacher_model=teacher, teacher_params=jax.device_get(params), kd_alpha=0.6, kd_temperature=2.0, **kw)
+
+
+def _assert_same_step(a, b, rtol=1e-5, atol=2e-6):
+    (state_a, metrics_a), (state_b, metrics_b) = a, b
+    for key in metrics_a:
+        np.testing.assert_allclose(float(metrics_a[key]), float(metrics_b[key]), rtol=rtol, err_msg=key)
+    for x, y in zip(jax.tree.leaves(jax.device_get(state_a.params)), jax.tree.leaves(jax.device_get(state_b.params))):
+        np.testing.assert_allclose(x, y, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def single_device_distill_step():
+    t = _in_memory_student({"data": 1}, "dp", jax.devices()[:1])
+    return t.train_step(t.init_state(), _batch())
+
+
+def test_vocab_parallel_step_equals_unsharded(single_device_distill_step):
+    t = _in_memory_student({"data": 2, "model": 4}, "tp")
+    assert t.vocab_parallel_axes == ("model", ("data", "fsdp"))
+    batch = {k: jax.device_put(v, t.batch_sharding) for k, v in _batch().items()}
+    with t.partitioner.context():
+        hlo = t._jit_train_step.lower(t.init_state(), batch, t.teacher_params).compile().as_text()
+    gathers = [line for line in hlo.splitlines() if "all-gather" in line and "512]" in line]
+    assert not gathers, gathers[:3]  # full-vocabulary logits are never gathered
+    _assert_same_step(t.train_step(t.init_state(), batch), single_device_distill_step)
+
+
+def test_gradient_accumulation_matches_the_large_batch(single_device_distill_step):
+    t = _in_memory_student({"data": 1}, "dp", jax.devices()[:1], num_microbatches=2)
+    _assert_same_step(t.train_step(t.init_state(), _batch()), single_device_distill_step)
+
+
+def test_vocab_parallel_topk_kd_and_argmax_equal_unsharded():
+    mesh = partitioning.make_mesh({"data": 2, "model": 4})
+    rng = np.random.default_rng(0)
+    student = jnp.asarray(rng.normal(size=(4, 6, 64)) * 3, jnp.float32)
+    teacher = jnp.asarray(rng.normal(size=(4, 6, 64)) * 3, jnp.float32)
+    logprobs, ids = losses.topk_teacher_logprobs(teacher, 5)
+    expected = losses.kd_token_loss_from_topk(student, logprobs, ids, temperature=1.5)
+    got = jax.jit(lambda s: distillation._vocab_parallel_kd_from_topk(
+        s, logprobs, ids, jnp.asarray(1.5), mesh, "model", ("data",)))(student)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    grad = lambda f: jax.grad(lambda s: jnp.sum(f(s)))(student)  # noqa: E731
+    np.testing.assert_allclose(
+        grad(lambda s: distillation._vocab_parallel_kd_from_topk(s, logprobs, ids, jnp.asarray(1.5), mesh, "model",
+                                                                 ("data",))),
+        grad(lambda s: losses.kd_token_loss_from_topk(s, logprobs, ids, temperature=1.5)), atol=1e-6)
+    tied = student.at[:, :, 40].set(student.max() + 1).at[:, :, 9].set(student.max() + 1)
+    np.testing.assert_array_equal(distillation._vocab_parallel_argmax(tied, mesh, "model", ("data",)),
+                                  jnp.argmax(tied, -1))
+
+
+def test_on_policy_step_samples_from_the_student():
+    t = _in_memory_student({"data": 1}, "dp", jax.devices()[:1], gkd_lambda=1.0, gkd_prompt_length=4)
+    state, metrics = t.train_step(t.init_state(), _batch())
+    assert float(metrics["on_policy"]) == 1.0
+    assert float(metrics["weight_sum"]) == 8 * 12  # the sampled tokens only
+    assert np.isfinite(float(metrics["loss_sum"])) and float(metrics["loss_sum"]) == pytest.approx(
+        float(metrics["kd_loss_sum"]) + float(metrics["z_loss_sum"]), rel=1e-5)  # KD only on sampled rows
+    # The KV-cache sampler and the full-recompute sampler draw the same tokens from the same key.
+    batch = jax.tree.map(jnp.asarray, _batch())
+    kw = dict(prompt_length=4, temperature=1.0, eos_id=-1)
+    cached = distillation.sample_from_student(t.model, state.params, batch, jax.random.key(3), use_cache=True, **kw)
+    full = distillation.sample_from_student(t.model, state.params, batch, jax.random.key(3), use_cache=False, **kw)
+    np.testing.assert_array_equal(cached["decoder_target_tokens"], full["decoder_target_tokens"])
+    np.testing.assert_array_equal(cached["decoder_target_tokens"][:, :4], batch["decoder_target_tokens"][:, :4])
+    np.testing.assert_array_equal(cached["decoder_input_tokens"][:, 1:], cached["decoder_target_tokens"][:, :-1])
+
+
+def test_offline_topk_with_full_vocabulary_equals_online_teacher(teacher_dir, tmp_path):
+    from lmops_jax import train as train_lib  # noqa: F401  registers the tasks through the data pipeline
+    from lmops_jax.data import pipeline
+    import seqio
+    p = partitioning.Partitioner({"data": 1}, devices=jax.devices()[:1])
+    store_dir = str(tmp_path / "topk")
+    distillation_store.dump_teacher_topk(
+        teacher_checkpoint=teacher_dir[0], output_dir=store_dir, mixture_or_task_name="synthetic_lm",
+        task_feature_lengths={"targets": 16}, batch_size=8, num_batches=2, k=512, partitioner=p, shard_size=1)
+    ds = pipeline.get_dataset("synthetic_lm", {"targets": 16}, seqio.DecoderFeatureConverter(pack=True),
+                              global_batch_size=8, seed=0)
+    batches = pipeline.GlobalBatchIterator(lambda: ds, p.data_sharding())
+
+    def student(steps=2, **kw):
+        return distillation.DistillationTrainer(
+            tiny_llama(vocab_size=512), p, optimizers.OptimizerConfig(warmup_steps=0), steps, 8, {"targets": 16},
+            teacher_checkpoint=teacher_dir[0], kd_alpha=0.5, kd_temperature=2.0, **kw)
+
+    offline = student(topk_dir=store_dir)
+    offline.check_data("synthetic_lm", {"targets": 16})
+    online = student()
+    wrapped = distillation_store.TopKBatches(batches, offline.store, offline.batch_sharding)
+    first = next(wrapped)
+    assert first[distillation_store.TOPK_IDS].shape == (8, 16, 512)
+    plain = {k: v for k, v in first.items() if not k.startswith("teacher_")}
+    _assert_same_step(offline.train_step(offline.init_state(), first), online.train_step(online.init_state(), plain),
+                      rtol=2e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="does not match the training data"):
+        offline.store.attach(1, plain, offline.batch_sharding)
+    with pytest.raises(ValueError, match="dumped with seed=0, this run has seed=5"):
+        student(topk_dir=store_dir, seed=5).check_data("synthetic_lm", {"targets": 16})
+    with pytest.raises(ValueError, match="holds 2 batches, fewer than the run's 10 steps"):
+        student(10, topk_dir=store_dir)
+    with pytest.raises(ValueError, match="supports KD_LOSS='forward_kl' only"):
+        student(topk_dir=store_dir, kd_loss="jsd")

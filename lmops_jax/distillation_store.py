@@ -1,0 +1,256 @@
+"""Offline teacher outputs: top-k log-probs per token, stored once and read back by batch index.
+
+Layout of a store directory (`KD_TOPK_DIR`), for a run of B rows x L tokens per batch, k ids per token:
+
+  meta.json                     written last: a store without it is incomplete and refused
+  logprobs-00000.npy            float32 [n, B, L, k]  the teacher's top-k log-probs (temperature 1,
+                                                      normalized over the full vocabulary), descending
+  ids-00000.npy                 int32   [n, B, L, k]  their token ids
+  target_logprob-00000.npy      float32 [n, B, L]     log-prob of the batch's target token (teacher_loss)
+  targets-00000.npy             int32   [n, B, L]     the batch's targets, to check alignment
+  ... one set per shard of `shard_size` batches (the last shard holds the rest)
+
+Batch i of the store is batch i of the deterministic training stream (`pipeline.get_dataset` with the
+run's task, lengths, batch size, packing and seed), i.e. the batch of train step i + 1. Arrays are
+global, in the global row order of the batch arrays; readers memory-map the shards and each process
+reads only the rows of its devices (`jax.make_array_from_callback`). Per batch the store holds
+B * L * (8k + 8) bytes: 16 x 256 tokens with k = 32 take 1.1 MB.
+
+`losses.kd_token_loss_from_topk` turns the k stored log-probs into a (k + 1)-outcome distribution
+whose last outcome is the tail mass 1 - sum(exp(logprobs)) the teacher put elsewhere, so the
+student is still pushed to keep the tail's total mass right (not its shape).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmops_jax import checkpoints, losses
+from lmops_jax.models.model import BaseModel
+from lmops_jax.partitioning import Partitioner
+
+TOPK_LOGPROBS = "teacher_topk_logprobs"
+TOPK_IDS = "teacher_topk_ids"
+TARGET_LOGPROB = "teacher_target_logprob"
+_ARRAYS = {"logprobs": (np.float32, True), "ids": (np.int32, True), "target_logprob": (np.float32, False),
+           "targets": (np.int32, False)}  # name: (dtype, has a k axis)
+META = "meta.json"
+FORMAT_VERSION = 1
+
+
+def teacher_from_checkpoint(path: str) -> tuple[BaseModel, str | None]:
+    """(teacher model, its MIXTURE_OR_TASK_NAME or None) from the gin config stored with a checkpoint."""
+    from lmops_jax import inference  # gin parsed in isolation, so the caller's config is untouched
+
+    config = checkpoints.read_config(path)
+    if not config.strip():
+        raise checkpoints.CheckpointError(f"teacher checkpoint {path!r} stores no gin config; pass teacher_model")
+    return inference.model_from_gin(config, path)
+
+
+def task_vocabulary_or_none(name: str | None):
+    """The 'targets' vocabulary of a registered seqio task or mixture, or None."""
+    if not name:
+        return None
+    import seqio
+    from lmops_jax.data import tasks  # noqa: F401  registers the built-in tasks
+    try:
+        return seqio.get_mixture_or_task(name).output_features["targets"].vocabulary
+    except (ValueError, KeyError):
+        return None
+
+
+def _file(directory: str, name: str, shard: int) -> str:
+    return os.path.join(directory, f"{name}-{shard:05d}.npy")
+
+
+class TopKStore:
+    """Reads a store written by `dump_teacher_topk` (see the module docstring)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        path = os.path.join(directory, META)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no top-k store at {directory!r} ({META} missing: the dump did not finish or "
+                                    "never ran); run `python -m lmops_jax.distillation dump_topk` first")
+        with open(path, encoding="utf-8") as f:
+            self.meta = json.load(f)
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"top-k store {directory!r} has format {self.meta.get('format_version')}, "
+                             f"expected {FORMAT_VERSION}")
+        self.num_batches = int(self.meta["num_batches"])
+        self.shard_size = int(self.meta["shard_size"])
+        self.k = int(self.meta["k"])
+        self._open: dict[tuple[str, int], np.ndarray] = {}
+
+    def _array(self, name: str, shard: int) -> np.ndarray:
+        key = (name, shard)
+        if key not in self._open:
+            self._open = {k: v for k, v in self._open.items() if k[1] == shard}  # keep one shard mapped
+            self._open[key] = np.load(_file(self.directory, name, shard), mmap_mode="r")
+        return self._open[key]
+
+    def batch(self, index: int) -> dict[str, np.ndarray]:
+        """Global (memory-mapped) arrays of batch `index`: logprobs, ids, target_logprob, targets."""
+        if not 0 <= index < self.num_batches:
+            raise IndexError(f"top-k store {self.directory!r} holds batches 0..{self.num_batches - 1}; batch "
+                             f"{index} was asked for (dump with num_batches >= TRAIN_STEPS)")
+        shard, row = divmod(index, self.shard_size)
+        return {name: self._array(name, shard)[row] for name in _ARRAYS}
+
+    def attach(self, index: int, batch: Mapping[str, jax.Array], sharding: jax.sharding.Sharding) -> dict:
+        """`batch` plus its stored teacher arrays, sharded like it; fails unless the targets match."""
+        stored = self.batch(index)
+        targets = batch["decoder_target_tokens"]
+        if tuple(targets.shape) != stored["targets"].shape:
+            raise ValueError(f"top-k store batch {index} has targets of shape {stored['targets'].shape}, the training "
+                             f"batch {tuple(targets.shape)}")
+        for shard in targets.addressable_shards:
+            if not np.array_equal(np.asarray(shard.data), stored["targets"][shard.index]):
+                raise ValueError(
+                    f"top-k store {self.directory!r} batch {index} does not match the training data: it was dumped "
+                    "from another stream (task, seed, batch size, feature lengths or packing differ)")
+
+        def put(array: np.ndarray) -> jax.Array:
+            return jax.make_array_from_callback(array.shape, sharding, lambda idx: np.asarray(array[idx]))
+
+        out = dict(batch)
+        out[TOPK_LOGPROBS] = put(stored["logprobs"])
+        out[TOPK_IDS] = put(stored["ids"])
+        out[TARGET_LOGPROB] = put(stored["target_logprob"])
+        return out
+
+
+class TopKBatches:
+    """Wraps a batch iterator: batch i gets the store's batch i (position from `batches_consumed`)."""
+
+    def __init__(self, batches: Iterator, store: TopKStore, sharding: jax.sharding.Sharding):
+        self._batches, self._store, self._sharding = batches, store, sharding
+        self._count = getattr(batches, "batches_consumed", 0)
+
+    def __iter__(self) -> TopKBatches:
+        return self
+
+    def __next__(self) -> dict:
+        index = getattr(self._batches, "batches_consumed", self._count)
+        batch = next(self._batches)
+        self._count = index + 1
+        return self._store.attach(index, batch, self._sharding)
+
+    def get_state(self) -> dict:
+        return self._batches.get_state()
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self._batches.set_state(state)
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def dump_teacher_topk(
+    *,
+    teacher_checkpoint: str,
+    output_dir: str,
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    batch_size: int,
+    num_batches: int,
+    k: int = 32,
+    seed: int = 0,
+    pack: bool = True,
+    partitioner: Partitioner | None = None,
+    setup_fns: Sequence[Callable[[], Any]] = (),
+    teacher_model: BaseModel | None = None,
+    shard_size: int = 256,
+) -> str:
+    """Runs the teacher once over the first `num_batches` batches of a run's training stream and stores
+    its top-k log-probs (see the module docstring); returns `output_dir`.
+
+    The stream is the one `train()` reads with the same task, lengths, batch size, packing and seed, so
+    the arguments are the distillation run's gin macros (distill.gin binds them; KD_TOPK_DIR, KD_TOPK).
+    An existing complete store in `output_dir` is an error (delete it first).
+    """
+    from lmops_jax import gin_utils, inference
+    from lmops_jax.data import pipeline
+
+    for name, value in (("teacher_checkpoint", teacher_checkpoint), ("output_dir", output_dir)):
+        if not value or gin_utils.is_required_sentinel(value):
+            raise gin_utils.GinConfigError(f"dump_teacher_topk needs {name} (gin macros TEACHER_CHECKPOINT, "
+                                           "KD_TOPK_DIR)")
+    if num_batches < 1 or shard_size < 1:
+        raise ValueError(f"num_batches and shard_size must be >= 1, got {num_batches}, {shard_size}")
+    if os.path.exists(os.path.join(output_dir, META)):
+        raise FileExistsError(f"{output_dir!r} already holds a top-k store; delete it to dump again")
+    for fn in setup_fns:
+        fn()
+    partitioner = partitioner or Partitioner()
+    teacher_task = None
+    if teacher_model is None:
+        teacher_model, teacher_task = teacher_from_checkpoint(teacher_checkpoint)
+    vocab = task_vocabulary_or_none(mixture_or_task_name)
+    teacher_vocab = task_vocabulary_or_none(teacher_task)
+    if vocab is not None and teacher_vocab is not None and vocab != teacher_vocab:
+        raise ValueError(f"the teacher's task {teacher_task!r} uses {teacher_vocab!r}, the run's task "
+                         f"{mixture_or_task_name!r} uses {vocab!r}: they must share a vocabulary")
+    if not 1 <= k <= teacher_model.vocab_size:
+        raise ValueError(f"k must lie in [1, {teacher_model.vocab_size}] (the vocabulary), got {k}")
+    abstract, shardings = inference.param_shardings(teacher_model, partitioner)
+    params = checkpoints.restore_params(teacher_checkpoint, abstract, shardings)
+    lengths = {name: int(v) for name, v in task_feature_lengths.items()}
+    converter = teacher_model.feature_converter_cls(pack=pack)
+    data_sharding = partitioner.data_sharding()
+    batches = pipeline.GlobalBatchIterator(lambda: pipeline.get_dataset(
+        mixture_or_task_name, lengths, converter, global_batch_size=batch_size, split="train", shuffle=True,
+        seed=seed), data_sharding)
+
+    def teacher_topk(p, batch):
+        logits = teacher_model.compute_logits(p, batch)
+        logprobs, ids = losses.topk_teacher_logprobs(logits, k)
+        log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        target = jnp.take_along_axis(log_p, batch["decoder_target_tokens"][..., None], axis=-1)[..., 0]
+        return logprobs, ids, target
+
+    with partitioner.context():
+        step = jax.jit(teacher_topk, in_shardings=(shardings, data_sharding))
+        os.makedirs(output_dir, exist_ok=True)
+        writers: dict[str, np.ndarray] = {}
+        for index in range(num_batches):
+            shard, row = divmod(index, shard_size)
+            batch = next(batches)
+            logprobs, ids, target = (_gather(x) for x in step(params, batch))
+            values = {"logprobs": logprobs, "ids": ids, "target_logprob": target,
+                      "targets": _gather(batch["decoder_target_tokens"])}
+            if jax.process_index() != 0:
+                continue
+            if row == 0:
+                for w in writers.values():
+                    w.flush()
+                rows = min(shard_size, num_batches - index)
+                writers = {name: np.lib.format.open_memmap(
+                    _file(output_dir, name, shard), mode="w+", dtype=dtype, shape=(rows,) + values[name].shape)
+                    for name, (dtype, _) in _ARRAYS.items()}
+            for name, value in values.items():
+                writers[name][row] = value
+            if (index + 1) % 50 == 0:
+                logging.info("dumped teacher top-%d of %d / %d batches", k, index + 1, num_batches)
+    if jax.process_index() == 0:
+        for w in writers.values():
+            w.flush()
+        meta = {"format_version": FORMAT_VERSION, "num_batches": num_batches, "shard_size": shard_size, "k": k,
+                "vocab_size": teacher_model.vocab_size, "batch_size": batch_size, "task_feature_lengths": lengths,
+                "mixture_or_task_name": mixture_or_task_name, "seed": seed, "pack": pack,
+                "teacher_checkpoint": os.path.abspath(teacher_checkpoint)}
+        with open(os.path.join(output_dir, META), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+    logging.info("wrote the teacher's top-%d log-probs of %d batches to %s", k, num_batches, output_dir)
+    return output_dir
