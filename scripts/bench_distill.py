@@ -27,23 +27,10 @@ import time
 import flax.linen as nn
 import jax
 
-from lmops_jax import checkpoints, distillation, distillation_store, optimizers, partitioning, trainer
+from lmops_jax import checkpoints, convert, distillation, distillation_store, optimizers, partitioning, trainer
 from lmops_jax.models import decoder_only, model
 
 VOCAB, BATCH, LENGTH, K = 512, 16, 128, 32
-TEACHER_GIN = """from __gin__ import dynamic_registration
-from lmops_jax.models import decoder_only
-from lmops_jax.models import model
-MODEL = @model.DecoderOnlyModel()
-model.DecoderOnlyModel.config = @decoder_only.LlamaConfig()
-decoder_only.LlamaConfig.vocab_size = 512
-decoder_only.LlamaConfig.d_model = 256
-decoder_only.LlamaConfig.num_layers = 4
-decoder_only.LlamaConfig.num_heads = 8
-decoder_only.LlamaConfig.num_kv_heads = 4
-decoder_only.LlamaConfig.mlp_dim = 1024
-MIXTURE_OR_TASK_NAME = 'synthetic_lm'
-"""
 
 
 def llama(d_model: int, layers: int, heads: int, mlp: int) -> model.DecoderOnlyModel:
@@ -64,7 +51,7 @@ def main() -> None:
     teacher_params = jax.device_get(nn.meta.unbox(teacher.init_params(
         jax.random.key(1), teacher.input_shapes(1, {"targets": LENGTH}))))
     teacher_dir = os.path.join(workdir, "teacher")
-    checkpoints.save_params(teacher_dir, teacher_params, TEACHER_GIN)
+    checkpoints.save_params(teacher_dir, teacher_params, convert.gin_config(teacher))
     part = partitioning.Partitioner({"data": 1}, devices=jax.devices()[:1])
     num_batches = 2 + args.steps * args.windows
     lengths = {"targets": LENGTH}

@@ -10,6 +10,12 @@ def tiny_llama(**overrides) -> model.DecoderOnlyModel:
     return model.DecoderOnlyModel(decoder_only.LlamaConfig(**cfg))
 
 
+def model_gin(m: model.BaseModel, task: str = "synthetic_lm") -> str:
+    """The gin config a checkpoint of `m` stores (MODEL and the task), as `train` would write it."""
+    from lmops_jax import convert
+    return convert.gin_config(m) + f"MIXTURE_OR_TASK_NAME = {task!r}\n"
+
+
 def lm_batch(batch_size: int, length: int, vocab: int = 128, seed: int = 0, ragged: bool = False) -> dict:
     """Decoder batch of random tokens; `ragged` zeroes a random tail of each row's loss weights."""
     rng = np.random.default_rng(seed)

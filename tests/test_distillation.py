@@ -12,22 +12,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from lmops_jax import checkpoints, distillation, distillation_store, losses, optimizers, partitioning, trainer
-from tests.helpers import lm_batch, tiny_llama
+from tests.helpers import lm_batch, model_gin, tiny_llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEACHER_GIN = """from __gin__ import dynamic_registration
-from lmops_jax.models import decoder_only
-from lmops_jax.models import model
-MODEL = @model.DecoderOnlyModel()
-model.DecoderOnlyModel.config = @decoder_only.LlamaConfig()
-decoder_only.LlamaConfig.vocab_size = 512
-decoder_only.LlamaConfig.d_model = 64
-decoder_only.LlamaConfig.num_layers = 2
-decoder_only.LlamaConfig.num_heads = 4
-decoder_only.LlamaConfig.num_kv_heads = 2
-decoder_only.LlamaConfig.mlp_dim = 128
-MIXTURE_OR_TASK_NAME = 'synthetic_lm'
-"""
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +23,7 @@ def teacher_dir(tmp_path_factory):
     teacher = tiny_llama(vocab_size=512, num_layers=2)
     params = jax.device_get(jax.tree.map(lambda x: x.value, teacher.init_params(
         jax.random.key(7), teacher.input_shapes(1, {"targets": 16})), is_leaf=lambda x: hasattr(x, "names")))
-    checkpoints.save_params(str(path), params, TEACHER_GIN)
+    checkpoints.save_params(str(path), params, model_gin(teacher))
     return str(path), params
 
 

@@ -11,22 +11,9 @@ import pytest
 
 from lmops_jax import checkpoints, optimizers, partitioning, trainer
 from lmops_jax.peft import lora
-from tests.helpers import lm_batch, tiny_llama
+from tests.helpers import lm_batch, model_gin, tiny_llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE_GIN = """from __gin__ import dynamic_registration
-from lmops_jax.models import decoder_only
-from lmops_jax.models import model
-MODEL = @model.DecoderOnlyModel()
-model.DecoderOnlyModel.config = @decoder_only.LlamaConfig()
-decoder_only.LlamaConfig.vocab_size = 512
-decoder_only.LlamaConfig.d_model = 64
-decoder_only.LlamaConfig.num_layers = 1
-decoder_only.LlamaConfig.num_heads = 4
-decoder_only.LlamaConfig.num_kv_heads = 2
-decoder_only.LlamaConfig.mlp_dim = 128
-MIXTURE_OR_TASK_NAME = 'synthetic_lm'
-"""
 TARGETS = r".*/(q_proj|v_proj|down_proj)"
 
 
@@ -81,7 +68,7 @@ def test_lora_recipe_cli_saves_adapters_only_resumes_and_merges(tmp_path):
     base_model = tiny_llama(vocab_size=512)
     base = jax.device_get(_params(base_model, seed=3))
     base_dir = str(tmp_path / "base")
-    checkpoints.save_params(base_dir, base, BASE_GIN)
+    checkpoints.save_params(base_dir, base, model_gin(base_model))
     run = tmp_path / "lora"
     cmd = [sys.executable, "-m", "lmops_jax.train", "--gin_file=gin_configs/models/llama_tiny.gin",
            "--gin_file=gin_configs/runs/lora.gin", f"--gin.MODEL_DIR='{run}'", f"--gin.INITIAL_CHECKPOINT_PATH='{base_dir}'",

@@ -186,7 +186,9 @@ def params_to_hf(model: model_lib.BaseModel, params: Mapping[str, Any]) -> tuple
 
 
 def gin_config(model: model_lib.BaseModel, source: str | None = None) -> str:
-    """Gin text whose MODEL macro rebuilds `model`, in the format of gin_configs/models/*.gin.
+    """Gin text whose MODEL macro rebuilds `model`, in the format of gin_configs/models/*.gin (what a
+    checkpoint of a model built in Python stores, so that `InferenceModule.from_checkpoint` and a
+    distillation teacher can rebuild it).
 
     Compute and param dtypes go through the COMPUTE_DTYPE / PARAM_DTYPE macros, so `--gin.PARAM_DTYPE`
     overrides them as for the hand-written model configs.
@@ -195,8 +197,8 @@ def gin_config(model: model_lib.BaseModel, source: str | None = None) -> str:
     cfg = model.config
     mod_name = "decoder_only" if module is hf_llama else "encoder_decoder"
     cls, wrapper = type(cfg).__name__, type(model).__name__
-    lines = [f"# Converted from Hugging Face {source}." if source else "# Converted from Hugging Face.",
-             "from __gin__ import dynamic_registration", f"from lmops_jax.models import {mod_name}",
+    lines = [f"# Converted from Hugging Face {source}."] if source else []
+    lines += ["from __gin__ import dynamic_registration", f"from lmops_jax.models import {mod_name}",
              "from lmops_jax.models import model", "", f"MODEL = @model.{wrapper}()",
              f"model.{wrapper}.config = @{mod_name}.{cls}()", f"{mod_name}.{cls}:"]
     for field in dataclasses.fields(cfg):
