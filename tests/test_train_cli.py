@@ -97,3 +97,23 @@ def test_t5_trains_on_seq2seq_task(tmp_path):
     assert int(state.step) == 2
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 2 and "eval/loss" in records[-1]
+
+
+@pytest.mark.parametrize("files,bindings", [
+    (("gin_configs/examples/quickstart.gin",), []),
+    (("gin_configs/models/llama_small.gin", "gin_configs/runs/pretrain.gin"), ["MODEL_DIR = '/tmp/x'"]),
+    (("gin_configs/models/t5_small.gin", "gin_configs/runs/pretrain.gin"), ["MODEL_DIR = '/tmp/x'"]),
+    (("gin_configs/models/llama_tiny.gin", "gin_configs/runs/finetune.gin"),
+     ["MODEL_DIR = '/tmp/x'", "INITIAL_CHECKPOINT_PATH = '/tmp/y'"]),
+    (("gin_configs/models/llama_tiny.gin", "gin_configs/runs/lora.gin"),
+     ["MODEL_DIR = '/tmp/x'", "INITIAL_CHECKPOINT_PATH = '/tmp/y'"]),
+    (("gin_configs/models/llama_tiny.gin", "gin_configs/runs/distill.gin"),
+     ["MODEL_DIR = '/tmp/x'", "TEACHER_CHECKPOINT = '/tmp/y'"]),
+])
+def test_every_recipe_parses_with_its_required_macros(files, bindings):
+    """The README's main line and each recipe: a model file plus a run file make a complete config."""
+    try:
+        _parse(bindings, files=files)
+        assert gin.query_parameter("MODEL_DIR/gin.macro.value")
+    finally:
+        gin.clear_config()
