@@ -110,3 +110,24 @@ def test_lora_recipe_cli_saves_adapters_only_resumes_and_merges(tmp_path):
     for a, b in zip(jax.tree.leaves(jax.device_get(merged)), jax.tree.leaves(expected)):
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert "MODEL = @model.DecoderOnlyModel()" in checkpoints.read_config(str(out))
+
+
+def test_t5_adapters_on_encoder_and_decoder_merge_to_the_same_logits():
+    from lmops_jax.models import encoder_decoder, model as model_lib
+    base = model_lib.EncoderDecoderModel(encoder_decoder.T5Config(
+        vocab_size=64, d_model=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=2, head_dim=16, mlp_dim=64))
+    adapted = lora.LoraModel(base, rank=2, alpha=4.0, targets=r"(encoder|decoder)/.*/(q_proj|v_proj|up_proj)")
+    shapes = adapted.input_shapes(1, {"inputs": 8, "targets": 8})
+    params = nn.meta.unbox(adapted.init_params(jax.random.key(0), shapes))
+    names = [optimizers.param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(lora.adapter_params(params))[0]]
+    assert any(n.startswith("encoder/") for n in names) and any(n.startswith("decoder/") for n in names), names
+    params = jax.tree_util.tree_map_with_path(  # B starts at zero; make the adapters matter
+        lambda path, x: jnp.full_like(x, 0.1) if "lora_b" in jax.tree_util.keystr(path) else x, params)
+    rng = np.random.default_rng(0)
+    batch = {"encoder_input_tokens": jnp.asarray(rng.integers(1, 64, (2, 8)), jnp.int32),
+             "decoder_input_tokens": jnp.asarray(rng.integers(1, 64, (2, 8)), jnp.int32),
+             "decoder_target_tokens": jnp.asarray(rng.integers(1, 64, (2, 8)), jnp.int32),
+             "decoder_loss_weights": jnp.ones((2, 8), jnp.int32)}
+    adapted_logits = adapted.compute_logits(params, batch)
+    np.testing.assert_allclose(adapted_logits, base.compute_logits(adapted.merge(params), batch), atol=2e-5)
+    assert not np.allclose(adapted_logits, base.compute_logits(lora.base_params(params), batch), atol=1e-3)
