@@ -65,6 +65,11 @@ def base_params(params: Mapping[str, Any]) -> dict:
     return _filter(params, lambda name: not is_adapter(name))
 
 
+def _input_rank(kernel_shape: Sequence[int], in_size: int) -> int | None:
+    """How many leading kernel dims the adapter's input (A's rows, `in_size` = their product) spans."""
+    return next((i for i in range(len(kernel_shape) + 1) if math.prod(kernel_shape[:i]) == in_size), None)
+
+
 def merge_lora(params: Mapping[str, Any], rank: int, alpha: float) -> dict:
     """Base-model params with every adapter pair folded into its kernel: W + (A @ B) * alpha / rank.
 
@@ -91,7 +96,7 @@ def merge_lora(params: Mapping[str, Any], rank: int, alpha: float) -> dict:
                     raise NotImplementedError(
                         f"cannot merge the adapters of {path}{key}: only DenseGeneral kernels (2-D A and B "
                         "beside a `kernel`) are supported")
-                lead = next((i for i in range(value.ndim + 1) if math.prod(value.shape[:i]) == a.shape[0]), None)
+                lead = _input_rank(value.shape, a.shape[0])
                 if lead is None or math.prod(value.shape[lead:]) != b.shape[1]:
                     raise ValueError(f"adapters of {path}{key} with shapes {a.shape}, {b.shape} do not fit the "
                                      f"kernel {value.shape}")
@@ -266,7 +271,7 @@ def _box_adapters(lora: Mapping[str, Any], base: Mapping[str, Any]) -> dict:
             out[key] = value
             continue
         shape = kernel.value.shape
-        lead = next((i for i in range(len(shape) + 1) if math.prod(shape[:i]) == lora_in_size(lora, key)), None)
+        lead = _input_rank(shape, lora_in_size(lora, key))
         if lead is None or lead == 0 or lead == len(shape):
             out[key] = value
         elif key.endswith(LORA_A):
