@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from lmops_jax import checkpoints, decoding, losses
 from lmops_jax import vocab_parallel as vp
 from lmops_jax.distillation_store import (TOPK_IDS, TOPK_LOGPROBS, TARGET_LOGPROB, TopKBatches, TopKStore,
-                                          dump_teacher_topk, task_vocabulary_or_none, teacher_from_checkpoint)
+                                          dump_teacher_topk, teacher_from_checkpoint)
 from lmops_jax.models import decoder_only
 from lmops_jax.models.model import BaseModel, DecoderOnlyModel
 from lmops_jax.trainer import Trainer
@@ -255,9 +255,11 @@ class DistillationTrainer(Trainer):
     def check_data(self, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int]) -> None:
         """Teacher (its checkpoint's task) and student task must share the vocabulary; the top-k store
         must come from this task and seed."""
-        student_vocab = task_vocabulary_or_none(mixture_or_task_name)
+        from lmops_jax import inference
+
+        student_vocab = inference.task_vocabulary_or_none(mixture_or_task_name)
         if self._teacher_task and self._teacher_task != mixture_or_task_name:
-            teacher_vocab = task_vocabulary_or_none(self._teacher_task)
+            teacher_vocab = inference.task_vocabulary_or_none(self._teacher_task)
             if teacher_vocab is None or student_vocab is None:
                 logging.warning("cannot compare the vocabularies of the teacher's task %r and the student's task "
                                 "%r (not registered here)", self._teacher_task, mixture_or_task_name)
@@ -283,7 +285,8 @@ class DistillationTrainer(Trainer):
     def _argmax(self, logits):
         if self.vocab_parallel_axes is None:
             return jnp.argmax(logits, axis=-1)
-        return _vocab_parallel_argmax(logits, self.partitioner.mesh, *self.vocab_parallel_axes)
+        axis, batch_axes = self.vocab_parallel_axes
+        return vp.vocab_parallel_argmax(logits, mesh=self.partitioner.mesh, vocab_axis=axis, batch_axes=batch_axes)
 
     def _kd(self, student_logits, teacher_logits, temperature):
         if self.vocab_parallel_axes is None:
@@ -297,8 +300,10 @@ class DistillationTrainer(Trainer):
     def _kd_topk(self, student_logits, logprobs, ids, temperature):
         if self.vocab_parallel_axes is None:
             return losses.kd_token_loss_from_topk(student_logits, logprobs, ids, temperature=temperature)
-        return _vocab_parallel_kd_from_topk(student_logits, logprobs, ids, jnp.asarray(temperature),
-                                            self.partitioner.mesh, *self.vocab_parallel_axes)
+        axis, batch_axes = self.vocab_parallel_axes
+        return vp.vocab_parallel_kd_token_loss_from_topk(student_logits, logprobs, ids, mesh=self.partitioner.mesh,
+                                                         temperature=temperature, vocab_axis=axis,
+                                                         batch_axes=batch_axes)
 
     def loss_fn(self, params, batch, rng, loss_normalizer, inputs, step):
         student_logits = self.model.compute_logits(params, batch, rng)
@@ -361,60 +366,6 @@ class DistillationTrainer(Trainer):
         if self.offline:
             train_batches = TopKBatches(train_batches, self.store, self.batch_sharding)
         return super().fit(state, train_batches, **kwargs)
-
-
-# ----------------------------------------------------------------------- vocabulary-parallel helpers
-def _vocab_parallel_argmax(logits: jax.Array, mesh, vocab_axis: str, batch_axes) -> jax.Array:
-    """jnp.argmax(logits, -1) (first index on ties) with the vocabulary sharded: only [B, L] values move."""
-    logits_spec, token_spec = vp._specs(mesh, logits.shape, vocab_axis, batch_axes, "logits")
-
-    def local(x):
-        local_max = jnp.max(x, axis=-1)
-        index = jnp.argmax(x, axis=-1).astype(jnp.int32) + jax.lax.axis_index(vocab_axis) * x.shape[-1]
-        best = jax.lax.pmax(local_max, vocab_axis)
-        return jax.lax.pmin(jnp.where(local_max == best, index, jnp.iinfo(jnp.int32).max), vocab_axis)
-
-    return jax.shard_map(local, mesh=mesh, in_specs=(logits_spec,), out_specs=token_spec)(
-        jax.lax.stop_gradient(logits))
-
-
-def _vocab_parallel_kd_from_topk(student_logits, logprobs, ids, temperature, mesh, vocab_axis: str, batch_axes):
-    """losses.kd_token_loss_from_topk with the student's vocabulary sharded over `vocab_axis`."""
-    vocab = student_logits.shape[-1]
-    k = logprobs.shape[-1]
-    logits_spec, token_spec = vp._specs(mesh, student_logits.shape, vocab_axis, batch_axes, "student_logits")
-    topk_spec = jax.sharding.PartitionSpec(*token_spec, None)
-
-    def local(student, stored, ids, temperature):
-        student = losses._upcast(student)
-        temperature = temperature.astype(student.dtype)
-        log_q, _ = vp._log_softmax(student / temperature, vocab_axis)
-        shard = log_q.shape[-1]
-        local_ids = ids.astype(jnp.int32) - jax.lax.axis_index(vocab_axis) * shard
-        here = (local_ids >= 0) & (local_ids < shard)
-        picked = jnp.take_along_axis(log_q, jnp.clip(local_ids, 0, shard - 1), axis=-1)
-        log_q_top = jax.lax.psum(jnp.where(here, picked, 0.0), vocab_axis)
-        stored = stored.astype(student.dtype)
-        log_kept = jax.nn.logsumexp(stored, axis=-1, keepdims=True)
-        log_p_top = log_kept + jax.nn.log_softmax(stored / temperature, axis=-1)
-        loss = jnp.sum(losses._kl_terms(log_p_top, log_q_top), axis=-1)
-        if k < vocab:
-            kept = jnp.minimum(log_kept[..., 0], 0.0)
-            log_rest = jnp.where(kept < 0.0, jnp.log(-jnp.expm1(jnp.minimum(kept, -1e-30))), -jnp.inf)
-            flat = log_q.reshape(-1, shard)
-            rows = jnp.arange(flat.shape[0])[:, None]
-            cols = jnp.where(here, local_ids, shard).reshape(flat.shape[0], k)  # out of range: dropped
-            in_topk = jnp.zeros(flat.shape, bool).at[rows, cols].set(True, mode="drop").reshape(log_q.shape)
-            masked = jnp.where(in_topk, -jnp.inf, log_q)
-            m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(masked, axis=-1)), vocab_axis)
-            m = jnp.where(jnp.isfinite(m), m, 0.0)
-            log_q_rest = m + jnp.log(jax.lax.psum(jnp.sum(jnp.exp(masked - m[..., None]), axis=-1), vocab_axis))
-            loss = loss + losses._kl_terms(log_rest, log_q_rest)
-        return jnp.square(temperature) * loss
-
-    scalar = jax.sharding.PartitionSpec()
-    return jax.shard_map(local, mesh=mesh, in_specs=(logits_spec, topk_spec, topk_spec, scalar),
-                         out_specs=token_spec)(student_logits, logprobs, ids, temperature)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -47,23 +47,7 @@ FORMAT_VERSION = 1
 def teacher_from_checkpoint(path: str) -> tuple[BaseModel, str | None]:
     """(teacher model, its MIXTURE_OR_TASK_NAME or None) from the gin config stored with a checkpoint."""
     from lmops_jax import inference  # gin parsed in isolation, so the caller's config is untouched
-
-    config = checkpoints.read_config(path)
-    if not config.strip():
-        raise checkpoints.CheckpointError(f"teacher checkpoint {path!r} stores no gin config; pass teacher_model")
-    return inference.model_from_gin(config, path)
-
-
-def task_vocabulary_or_none(name: str | None):
-    """The 'targets' vocabulary of a registered seqio task or mixture, or None."""
-    if not name:
-        return None
-    import seqio
-    from lmops_jax.data import tasks  # noqa: F401  registers the built-in tasks
-    try:
-        return seqio.get_mixture_or_task(name).output_features["targets"].vocabulary
-    except (ValueError, KeyError):
-        return None
+    return inference.model_from_checkpoint(path, "pass teacher_model")
 
 
 def _file(directory: str, name: str, shard: int) -> str:
@@ -197,8 +181,8 @@ def dump_teacher_topk(
     teacher_task = None
     if teacher_model is None:
         teacher_model, teacher_task = teacher_from_checkpoint(teacher_checkpoint)
-    vocab = task_vocabulary_or_none(mixture_or_task_name)
-    teacher_vocab = task_vocabulary_or_none(teacher_task)
+    vocab = inference.task_vocabulary_or_none(mixture_or_task_name)
+    teacher_vocab = inference.task_vocabulary_or_none(teacher_task)
     if vocab is not None and teacher_vocab is not None and vocab != teacher_vocab:
         raise ValueError(f"the teacher's task {teacher_task!r} uses {teacher_vocab!r}, the run's task "
                          f"{mixture_or_task_name!r} uses {vocab!r}: they must share a vocabulary")

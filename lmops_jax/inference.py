@@ -126,16 +126,40 @@ def model_from_gin(config_text: str, source: str = "<gin config>") -> tuple[Base
     return model, task if isinstance(task, str) else None
 
 
+def model_from_checkpoint(path: str, remedy: str) -> tuple[BaseModel, str | None]:
+    """(model, MIXTURE_OR_TASK_NAME or None) from the gin config stored with a checkpoint.
+
+    A checkpoint without a stored config raises CheckpointError ending with `remedy` (what the caller
+    can do instead).
+    """
+    config_text = checkpoints.read_config(path)
+    if not config_text.strip():
+        raise checkpoints.CheckpointError(
+            f"checkpoint {path!r} has no gin config, so its model cannot be rebuilt; {remedy}")
+    return model_from_gin(config_text, repr(path))
+
+
+def task_vocabulary_or_none(task_name: str | None):
+    """The 'targets' vocabulary of a registered seqio task or mixture, or None."""
+    if not task_name:
+        return None
+    import seqio
+    from lmops_jax.data import tasks  # noqa: F401  registers the built-in tasks
+    try:
+        return seqio.get_mixture_or_task(task_name).output_features["targets"].vocabulary
+    except (ValueError, KeyError):
+        return None
+
+
 def task_vocabulary(task_name: str | None):
     """The 'targets' vocabulary of a registered seqio task or mixture, else `seqio.ByteVocabulary()`."""
     import seqio
-    from lmops_jax.data import tasks  # noqa: F401  registers the built-in tasks
-    if task_name:
-        try:
-            return seqio.get_mixture_or_task(task_name).output_features["targets"].vocabulary
-        except (ValueError, KeyError):
+    vocabulary = task_vocabulary_or_none(task_name)
+    if vocabulary is None:
+        if task_name:
             logging.warning("task %r is not registered here; using seqio.ByteVocabulary()", task_name)
-    return seqio.ByteVocabulary()
+        return seqio.ByteVocabulary()
+    return vocabulary
 
 
 def _with_dtype(model: BaseModel, dtype: str | None) -> BaseModel:
@@ -225,12 +249,7 @@ class InferenceModule:
           max_length, vocabulary, bos_id: as for the constructor; the vocabulary defaults to the
             'targets' vocabulary of the config's MIXTURE_OR_TASK_NAME.
         """
-        config_text = checkpoints.read_config(path)
-        if not config_text.strip():
-            raise checkpoints.CheckpointError(
-                f"checkpoint {path!r} has no gin config, so its model cannot be rebuilt; build the model "
-                "yourself and use InferenceModule(model, params)")
-        model, task = model_from_gin(config_text, repr(path))
+        model, task = model_from_checkpoint(path, "build the model yourself and use InferenceModule(model, params)")
         model = _with_dtype(model, dtype)
         partitioner = None if mesh_shape is None else Partitioner(mesh_shape, logical_axis_rules)
         module_partitioner = partitioner or Partitioner(

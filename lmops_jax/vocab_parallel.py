@@ -10,6 +10,9 @@ memory of the largest activation). Here each device works on its own vocabulary 
   x[target] = psum_v(x_local[target - offset] if the target lies in this shard else 0)
   KD sums over v: psum_v(sum_local(terms))                terms as in losses.divergence_from_log_probs
 
+The same holds for the argmax (teacher agreement) and the KD against a teacher's stored top-k (offline
+distillation), whose tail bucket is a log-sum-exp over the ids outside the top-k.
+
 Each collective moves [B, L] floats, not [B, L, V]. The batch axis (axis 0) may also be sharded over
 `batch_axes`; the other leading axes are replicated. Results equal the unsharded functions in
 `lmops_jax.losses` up to float rounding, and the functions are jittable and differentiable (the
@@ -73,6 +76,18 @@ def _log_softmax(x: jax.Array, vocab_axis: str) -> tuple[jax.Array, jax.Array]:
     return x - log_z[..., None], log_z
 
 
+def _at_ids(x: jax.Array, ids: jax.Array, vocab_axis: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Values of the vocab-sharded x [..., V/n] at global ids [..., k], psummed over the shards.
+
+    Returns (values [..., k], ids local to this shard [..., k], whether each id lies in this shard).
+    """
+    shard = x.shape[-1]
+    local_ids = ids.astype(jnp.int32) - jax.lax.axis_index(vocab_axis) * shard
+    here = (local_ids >= 0) & (local_ids < shard)
+    picked = jnp.take_along_axis(x, jnp.clip(local_ids, 0, shard - 1), axis=-1)
+    return jax.lax.psum(jnp.where(here, picked, 0.0), vocab_axis), local_ids, here
+
+
 def _on_mesh(fn: Callable[..., Any], mesh: Mesh, in_specs: tuple, out_specs: Any) -> Callable[..., Any]:
     """shard_map(fn) under jit, so eager calls reshard their inputs (eager shard_map does not)."""
     return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs))
@@ -88,11 +103,7 @@ def _cross_entropy_fn(
     def local(x: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
         x = x.astype(jnp.float32)
         log_probs, log_z = _log_softmax(x, vocab_axis)
-        shard = x.shape[-1]
-        local_ids = targets.astype(jnp.int32) - jax.lax.axis_index(vocab_axis) * shard
-        here = (local_ids >= 0) & (local_ids < shard)
-        picked = jnp.take_along_axis(log_probs, jnp.clip(local_ids, 0, shard - 1)[..., None], axis=-1)[..., 0]
-        target_logp = jax.lax.psum(jnp.where(here, picked, 0.0), vocab_axis)
+        target_logp = _at_ids(log_probs, targets[..., None], vocab_axis)[0][..., 0]
         if label_smoothing:
             confidence = 1.0 - label_smoothing
             low = label_smoothing / (vocab - 1)
@@ -210,6 +221,81 @@ def vocab_parallel_kd_loss(
         vocab_axis=vocab_axis, batch_axes=batch_axes,
     )
     return losses.weighted_mean(token_loss, weights)
+
+
+@functools.lru_cache(maxsize=64)
+def _argmax_fn(mesh: Mesh, logits_spec: PartitionSpec, token_spec: PartitionSpec,
+               vocab_axis: str) -> Callable[[jax.Array], jax.Array]:
+    def local(x: jax.Array) -> jax.Array:
+        local_max = jnp.max(x, axis=-1)
+        index = jnp.argmax(x, axis=-1).astype(jnp.int32) + jax.lax.axis_index(vocab_axis) * x.shape[-1]
+        best = jax.lax.pmax(local_max, vocab_axis)
+        return jax.lax.pmin(jnp.where(local_max == best, index, jnp.iinfo(jnp.int32).max), vocab_axis)
+
+    return _on_mesh(local, mesh, (logits_spec,), token_spec)
+
+
+def vocab_parallel_argmax(
+    logits: jax.Array, *, mesh: Mesh, vocab_axis: str = "model",
+    batch_axes: Sequence[str] | str | None = ("data", "fsdp"),
+) -> jax.Array:
+    """jnp.argmax(logits, -1) (first index on ties) with the vocabulary sharded: only [B, ...] values move."""
+    logits_spec, token_spec = _specs(mesh, logits.shape, vocab_axis, batch_axes, "logits")
+    return _argmax_fn(mesh, logits_spec, token_spec, vocab_axis)(jax.lax.stop_gradient(logits))
+
+
+@functools.lru_cache(maxsize=64)
+def _kd_from_topk_fn(mesh: Mesh, logits_spec: PartitionSpec, token_spec: PartitionSpec, vocab_axis: str,
+                     vocab: int, k: int) -> Callable[..., jax.Array]:
+    """Built once per configuration; temperature is a traced argument (it may be scheduled)."""
+
+    def local(student, stored, ids, temperature):
+        student = losses._upcast(student)
+        temperature = temperature.astype(student.dtype)
+        log_q, _ = _log_softmax(student / temperature, vocab_axis)
+        shard = log_q.shape[-1]
+        log_q_top, local_ids, here = _at_ids(log_q, ids, vocab_axis)
+        stored = stored.astype(student.dtype)
+        log_kept = jax.nn.logsumexp(stored, axis=-1, keepdims=True)
+        log_p_top = log_kept + jax.nn.log_softmax(stored / temperature, axis=-1)
+        loss = jnp.sum(losses._kl_terms(log_p_top, log_q_top), axis=-1)
+        if k < vocab:
+            kept = jnp.minimum(log_kept[..., 0], 0.0)
+            log_rest = jnp.where(kept < 0.0, jnp.log(-jnp.expm1(jnp.minimum(kept, -1e-30))), -jnp.inf)
+            flat = log_q.reshape(-1, shard)
+            rows = jnp.arange(flat.shape[0])[:, None]
+            cols = jnp.where(here, local_ids, shard).reshape(flat.shape[0], k)  # out of range: dropped
+            in_topk = jnp.zeros(flat.shape, bool).at[rows, cols].set(True, mode="drop").reshape(log_q.shape)
+            masked = jnp.where(in_topk, -jnp.inf, log_q)
+            m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(masked, axis=-1)), vocab_axis)
+            m = jnp.where(jnp.isfinite(m), m, 0.0)
+            log_q_rest = m + jnp.log(jax.lax.psum(jnp.sum(jnp.exp(masked - m[..., None]), axis=-1), vocab_axis))
+            loss = loss + losses._kl_terms(log_rest, log_q_rest)
+        return jnp.square(temperature) * loss
+
+    topk_spec = PartitionSpec(*token_spec, None)
+    return _on_mesh(local, mesh, (logits_spec, topk_spec, topk_spec, PartitionSpec()), token_spec)
+
+
+def vocab_parallel_kd_token_loss_from_topk(
+    student_logits: jax.Array,
+    teacher_topk_logprobs: jax.Array,
+    teacher_topk_ids: jax.Array,
+    *,
+    mesh: Mesh,
+    temperature: Any = 1.0,
+    vocab_axis: str = "model",
+    batch_axes: Sequence[str] | str | None = ("data", "fsdp"),
+) -> jax.Array:
+    """losses.kd_token_loss_from_topk with the student's vocabulary sharded over `vocab_axis`.
+
+    student_logits [B, ..., V]; the teacher's top-k log-probs and ids [B, ..., k] (replicated over the
+    vocabulary axis). Returns [B, ...].
+    """
+    logits_spec, token_spec = _specs(mesh, student_logits.shape, vocab_axis, batch_axes, "student_logits")
+    fn = _kd_from_topk_fn(mesh, logits_spec, token_spec, vocab_axis, student_logits.shape[-1],
+                          teacher_topk_logprobs.shape[-1])
+    return fn(student_logits, teacher_topk_logprobs, teacher_topk_ids, jnp.asarray(temperature))
 
 
 def logits_sharding(

@@ -11,7 +11,8 @@ import pytest
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lmops_jax import checkpoints, distillation, distillation_store, losses, optimizers, partitioning, trainer
+from lmops_jax import (checkpoints, distillation, distillation_store, losses, optimizers, partitioning, trainer,
+                       vocab_parallel)
 from tests.helpers import lm_batch, model_gin, tiny_llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,17 +147,21 @@ def test_vocab_parallel_topk_kd_and_argmax_equal_unsharded():
     teacher = jnp.asarray(rng.normal(size=(4, 6, 64)) * 3, jnp.float32)
     logprobs, ids = losses.topk_teacher_logprobs(teacher, 5)
     expected = losses.kd_token_loss_from_topk(student, logprobs, ids, temperature=1.5)
-    got = jax.jit(lambda s: distillation._vocab_parallel_kd_from_topk(
-        s, logprobs, ids, jnp.asarray(1.5), mesh, "model", ("data",)))(student)
+
+    def sharded(s):
+        return vocab_parallel.vocab_parallel_kd_token_loss_from_topk(
+            s, logprobs, ids, mesh=mesh, temperature=1.5, vocab_axis="model", batch_axes=("data",))
+
+    got = jax.jit(sharded)(student)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     grad = lambda f: jax.grad(lambda s: jnp.sum(f(s)))(student)  # noqa: E731
     np.testing.assert_allclose(
-        grad(lambda s: distillation._vocab_parallel_kd_from_topk(s, logprobs, ids, jnp.asarray(1.5), mesh, "model",
-                                                                 ("data",))),
+        grad(sharded),
         grad(lambda s: losses.kd_token_loss_from_topk(s, logprobs, ids, temperature=1.5)), atol=1e-6)
     tied = student.at[:, :, 40].set(student.max() + 1).at[:, :, 9].set(student.max() + 1)
-    np.testing.assert_array_equal(distillation._vocab_parallel_argmax(tied, mesh, "model", ("data",)),
-                                  jnp.argmax(tied, -1))
+    np.testing.assert_array_equal(
+        vocab_parallel.vocab_parallel_argmax(tied, mesh=mesh, vocab_axis="model", batch_axes=("data",)),
+        jnp.argmax(tied, -1))
 
 
 def test_on_policy_step_samples_from_the_student():

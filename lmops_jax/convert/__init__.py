@@ -219,10 +219,7 @@ def load_checkpoint(checkpoint_path: str) -> tuple[model_lib.BaseModel, dict]:
 
     from lmops_jax import inference, partitioning
 
-    text = checkpoints.read_config(checkpoint_path)
-    if not text.strip():
-        raise ConversionError(f"checkpoint {checkpoint_path!r} has no stored gin config to tell its architecture")
-    model, _ = inference.model_from_gin(text, checkpoint_path)
+    model, _ = inference.model_from_checkpoint(checkpoint_path, "it cannot be exported")
     _arch_module(model)
     part = partitioning.Partitioner({"data": 1}, devices=jax.devices()[:1])
     abstract, shardings = inference.param_shardings(model, part)
