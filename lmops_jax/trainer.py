@@ -81,7 +81,7 @@ class Trainer:
                 f"the (micro)batch of {micro} examples (BATCH_SIZE={self.batch_size} / num_microbatches="
                 f"{self.num_microbatches}) must be divisible by the {divisor} batch shards of mesh "
                 f"{self.partitioner.axis_sizes}")
-        patterns = getattr(self.model, "trainable_patterns", ())  # e.g. LoRA: only the adapters train
+        patterns = self.model.trainable_patterns  # e.g. LoRA: only the adapters train
         if patterns and not self.optimizer.trainable:
             self.optimizer = dataclasses.replace(self.optimizer, trainable=tuple(patterns))
         self.tx = self.optimizer.make(self.num_train_steps)
@@ -129,11 +129,11 @@ class Trainer:
     def checkpoint_view(self, state: TrainState) -> TrainState:
         """The part of a train state (or of its abstract / sharding twin) that checkpoints hold.
 
-        All of it, unless the model defines `checkpoint_params(params) -> subset` (LoRA keeps only its
-        adapters; the frozen base comes back from INITIAL_CHECKPOINT_PATH on resume).
+        All of it (the same object), unless the model's `checkpoint_params` keeps a subset (LoRA keeps only
+        its adapters; the frozen base comes back from INITIAL_CHECKPOINT_PATH on resume).
         """
-        select = getattr(self.model, "checkpoint_params", None)
-        return state if select is None else state.replace(params=select(state.params))
+        params = self.model.checkpoint_params(state.params)
+        return state if params is state.params else state.replace(params=params)
 
     def loss_fn(self, params: Any, batch: Batch, rng: jax.Array, loss_normalizer: Any, inputs: Any,
                 step: jax.Array) -> tuple[jax.Array, Metrics]:

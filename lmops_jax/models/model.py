@@ -63,6 +63,17 @@ class BaseModel(abc.ABC):
     def training_flops_per_token(self, task_feature_lengths: Mapping[str, int]) -> float:
         """Model FLOPs per target token of a training step (forward + backward)."""
 
+    # Hooks for models that train or save only part of their params (LoRA: `peft.LoraModel`).
+    @property
+    def trainable_patterns(self) -> tuple[str, ...]:
+        """Regexes of the param paths the Trainer trains when the optimizer names none; () = all."""
+        return ()
+
+    def checkpoint_params(self, params: Params) -> Params:
+        """The params (or a tree of their shapes or shardings) that checkpoints hold: all of them,
+        returned as the same object, unless a subclass keeps a subset."""
+        return params
+
     def loss_fn(
         self, params: Params, batch: Batch, rng: jax.Array | None = None, *, loss_normalizer: Any = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
