@@ -25,7 +25,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lmops_jax.train_state import TrainState
 
 CHECKPOINTS_SUBDIR = "checkpoints"
 STATE, DATA, CONFIG = "state", "data", "config"
@@ -35,7 +34,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot serve the request; the message names the path and keys."""
 
 
-def _state_to_tree(state: TrainState) -> dict:
+def _state_to_tree(state: Any) -> dict:
+    """The saved tree of a train state (any object with step, params and opt_state attributes)."""
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
 
 
@@ -94,7 +94,7 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: TrainState, *, data_state: Mapping[str, Any] | None = None,
+    def save(self, step: int, state: Any, *, data_state: Mapping[str, Any] | None = None,
              config_str: str | None = None, force: bool = False) -> bool:
         """Saves when `step` is due (or `force`); returns whether a save started. Asynchronous."""
         if step in self.manager.all_steps() or not (force or step % self.config.period == 0):
@@ -112,8 +112,7 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.close()
 
-    def restore_latest(self, abstract_state: TrainState, shardings: TrainState
-                       ) -> tuple[TrainState, dict, int] | None:
+    def restore_latest(self, abstract_state: Any, shardings: Any) -> tuple[Any, dict, int] | None:
         """The newest readable checkpoint as (state, data_state, step), or None if there is none.
 
         A step that fails to read is logged and skipped, falling back to the one before; nothing is
@@ -131,7 +130,7 @@ class Checkpointer:
                               step, self.directory, type(e).__name__, str(e)[:300])
                 continue
             tree = restored[STATE]
-            state = TrainState(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"])
+            state = abstract_state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"])
             return state, dict(restored[DATA] or {}), step
         if self.all_steps():
             raise CheckpointError(f"no readable checkpoint among steps {self.all_steps()} in {self.directory}")

@@ -24,7 +24,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lmops_jax.inference import InferenceModule  # noqa: E402
+from lmops_jax.inference.inference_module import InferenceModule  # noqa: E402
 from lmops_jax.models import decoder_only, model  # noqa: E402
 
 BENCH = decoder_only.LlamaConfig(vocab_size=4096, d_model=256, num_layers=4, num_heads=4, num_kv_heads=4,

@@ -27,7 +27,11 @@ import time
 import flax.linen as nn
 import jax
 
-from lmops_jax import checkpoints, convert, distillation, distillation_store, optimizers, partitioning, trainer
+from lmops_jax import checkpoints, convert, partitioning
+from lmops_jax.distillation import trainer as distillation
+from lmops_jax.distillation import topk_store as distillation_store
+from lmops_jax.training import optimizers
+from lmops_jax.training import trainer
 from lmops_jax.models import decoder_only, model
 
 VOCAB, BATCH, LENGTH, K = 512, 16, 128, 32

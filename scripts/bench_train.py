@@ -2,7 +2,7 @@
 
 Config (fixed): Llama, vocab 4096, d_model 256, 4 layers, 4 heads (4 KV heads), MLP 704, untied
 embeddings, float32, AdamW with global-norm clipping, batch 8 x 256 tokens of random ids, one device.
-Ours runs `lmops_jax.trainer.Trainer.train_step` (jitted once, state donated) on a {'data': 1} mesh;
+Ours runs `lmops_jax.training.trainer.Trainer.train_step` (jitted once, state donated) on a {'data': 1} mesh;
 the peer runs `transformers.LlamaForCausalLM` forward + backward + clipping + `torch.optim.AdamW` with
 `torch.set_num_threads(<cores>)`. Both run `--warmup` steps first (compile, allocator), then `--windows`
 timed windows of `--steps` steps each, alternating between the two so that both see the same background
@@ -30,7 +30,10 @@ from typing import Callable
 import jax
 import numpy as np
 
-from lmops_jax import flops, optimizers, partitioning, trainer
+from lmops_jax import partitioning
+from lmops_jax.training import flops
+from lmops_jax.training import optimizers
+from lmops_jax.training import trainer
 from lmops_jax.models import decoder_only, model
 
 VOCAB, D_MODEL, LAYERS, HEADS, MLP, BATCH, LENGTH = 4096, 256, 4, 4, 704, 8, 256

@@ -9,7 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmops_jax import checkpoints, optimizers, partitioning, train as train_lib, trainer
+from lmops_jax import checkpoints, partitioning
+from lmops_jax.training import optimizers
+from lmops_jax.training import train as train_lib
+from lmops_jax.training import trainer
 from tests.helpers import lm_batch, tiny_llama
 
 STEPS = 6

@@ -9,7 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from lmops_jax import checkpoints, convert, inference  # noqa: E402
+from lmops_jax import checkpoints, convert  # noqa: E402
+from lmops_jax.inference import inference_module as inference
 from lmops_jax.convert import __main__ as convert_cli  # noqa: E402
 from lmops_jax.convert import safetensors_io  # noqa: E402
 

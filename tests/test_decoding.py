@@ -1,4 +1,4 @@
-"""Tests of lmops_jax.decoding and lmops_jax.beam_search on a toy second-order Markov model.
+"""Tests of lmops_jax.inference.decoding and lmops_jax.inference.beam_search on a toy second-order Markov model.
 
 The toy model's logits depend on the input token and on the token before it, kept in a per-sequence
 state leaf, so a wrong state expansion or beam reordering changes the results. A shared 0-d leaf
@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmops_jax.beam_search import beam_search, brevity_penalty
-from lmops_jax.decoding import expand_state, gather_beams, generate, sample_tokens
+from lmops_jax.inference.beam_search import beam_search, brevity_penalty
+from lmops_jax.inference.decoding import expand_state, gather_beams, generate, sample_tokens
 
 GEN_STATIC = ("tokens_to_logits", "max_new_tokens", "method", "top_k", "num_decodes")
 BEAM_STATIC = ("tokens_to_logits", "max_new_tokens", "num_beams")

@@ -182,7 +182,7 @@ def test_on_policy_step_samples_from_the_student():
 
 
 def test_offline_topk_with_full_vocabulary_equals_online_teacher(teacher_dir, tmp_path):
-    from lmops_jax import train as train_lib  # noqa: F401  registers the tasks through the data pipeline
+    from lmops_jax.training import train as train_lib  # noqa: F401  registers the tasks through the data pipeline
     from lmops_jax.data import pipeline
     import seqio
     p = partitioning.Partitioner({"data": 1}, devices=jax.devices()[:1])

@@ -5,8 +5,10 @@ import gin
 import jax
 import numpy as np
 
-from lmops_jax import checkpoints, optimizers, partitioning, trainer
-from lmops_jax import train as train_lib
+from lmops_jax import checkpoints, partitioning
+from lmops_jax.training import optimizers
+from lmops_jax.training import trainer
+from lmops_jax.training import train as train_lib
 from tests.helpers import lm_batch, tiny_llama
 
 

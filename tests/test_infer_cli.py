@@ -9,8 +9,8 @@ import seqio
 import tensorflow as tf
 
 from lmops_jax import checkpoints
-from lmops_jax import infer as infer_lib
-from lmops_jax.inference import InferenceModule
+from lmops_jax.inference import infer as infer_lib
+from lmops_jax.inference.inference_module import InferenceModule
 from tests.test_inference import CONFIG, LLAMA, _params
 
 TASK = "infer_cli_test"

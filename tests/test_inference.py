@@ -8,7 +8,7 @@ import pytest
 import seqio
 
 from lmops_jax import checkpoints
-from lmops_jax.inference import InferenceModule
+from lmops_jax.inference.inference_module import InferenceModule
 from lmops_jax.models import decoder_only, encoder_decoder, model
 
 VOCAB = seqio.ByteVocabulary()

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmops_jax import checkpoints, optimizers, partitioning, trainer
+from lmops_jax import checkpoints, partitioning
+from lmops_jax.training import optimizers
+from lmops_jax.training import trainer
 from lmops_jax.peft import lora
 from tests.helpers import lm_batch, model_gin, tiny_llama
 
@@ -83,7 +85,7 @@ def test_lora_recipe_cli_saves_adapters_only_resumes_and_merges(tmp_path):
     saved = checkpoints.checkpoint_param_shapes(str(run))
     assert saved and all(lora.is_adapter(name.split("/")[-1]) for name in saved), sorted(saved)
     # Resume (Python API) for one more step: base from INITIAL_CHECKPOINT_PATH, adapters from the run.
-    from lmops_jax import train as train_lib
+    from lmops_jax.training import train as train_lib
     model = lora.LoraModel(base_model, rank=4, alpha=8.0, targets=TARGETS)
     restored_adapters = checkpoints.restore_params(
         str(run), jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lora.adapter_params(_params(model))),

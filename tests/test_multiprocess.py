@@ -10,7 +10,9 @@ import time
 import jax
 import numpy as np
 
-from lmops_jax import checkpoints, optimizers, partitioning, trainer
+from lmops_jax import checkpoints, partitioning
+from lmops_jax.training import optimizers
+from lmops_jax.training import trainer
 from tests.helpers import tiny_llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

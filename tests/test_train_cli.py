@@ -7,8 +7,8 @@ import sys
 import gin
 import pytest
 
-from lmops_jax import gin_utils
-from lmops_jax import train as train_lib
+from lmops_jax.cli import gin_flags as gin_utils
+from lmops_jax.training import train as train_lib
 from tests.helpers import tiny_llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +38,7 @@ def test_cli_trains_and_writes_metrics_and_config(tmp_path):
 
 def _parse(bindings, files=("gin_configs/models/llama_tiny.gin", "gin_configs/runs/pretrain.gin")):
     gin.clear_config()
-    gin_utils.parse([os.path.join(REPO, f) for f in files], bindings)
+    gin_utils.parse(list(files), bindings)
 
 
 def test_unknown_gin_binding_is_named():

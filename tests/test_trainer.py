@@ -2,7 +2,9 @@ import jax
 import numpy as np
 import pytest
 
-from lmops_jax import optimizers, partitioning, trainer
+from lmops_jax import partitioning
+from lmops_jax.training import optimizers
+from lmops_jax.training import trainer
 from tests.helpers import lm_batch, tiny_llama
 
 MESHES = {

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lmops_jax import losses, vocab_parallel
+from lmops_jax import losses
+from lmops_jax.losses import vocab_parallel
 
 B, L, V = 4, 3, 32
 

@@ -217,7 +217,8 @@ def load_checkpoint(checkpoint_path: str) -> tuple[model_lib.BaseModel, dict]:
     """
     import jax
 
-    from lmops_jax import inference, partitioning
+    from lmops_jax import partitioning
+    from lmops_jax.inference import inference_module as inference
 
     model, _ = inference.model_from_checkpoint(checkpoint_path, "it cannot be exported")
     _arch_module(model)
@@ -237,7 +238,7 @@ def import_hf(hf_dir: str, out_dir: str, dtype: str | None = None) -> str:
 
     Returns the checkpoint step directory.
     """
-    from lmops_jax import inference
+    from lmops_jax.inference import inference_module as inference
 
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"dtype must be None or one of {DTYPES}, got {dtype!r}")

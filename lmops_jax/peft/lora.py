@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from lmops_jax.models.model import BaseModel
-from lmops_jax.train_state import overlay_params
+from lmops_jax.training.train_state import overlay_params
 
 LORA_A, LORA_B = "_lora_a", "_lora_b"
 TRAINABLE_PATTERNS = (r"_lora_[ab]$",)
@@ -291,7 +291,7 @@ def lora_model_from_config(config_text: str, source: str) -> tuple[LoraModel, st
     """(the LoraModel that `train` was bound to, INITIAL_CHECKPOINT_PATH or None) of a run's gin config."""
     import gin
     from lmops_jax import checkpoints
-    from lmops_jax.inference import isolated_gin
+    from lmops_jax.inference.inference_module import isolated_gin
 
     with isolated_gin():
         try:
@@ -320,7 +320,8 @@ def export_merged(adapter_checkpoint: str, output_dir: str, base_checkpoint: str
     The base comes from `base_checkpoint` (default: the run's INITIAL_CHECKPOINT_PATH) and the output
     stores the base checkpoint's gin config, so `InferenceModule.from_checkpoint(output_dir)` loads it.
     """
-    from lmops_jax import checkpoints, inference
+    from lmops_jax import checkpoints
+    from lmops_jax.inference import inference_module as inference
     from lmops_jax.partitioning import Partitioner
 
     model, initial = lora_model_from_config(checkpoints.read_config(adapter_checkpoint), adapter_checkpoint)

@@ -17,7 +17,7 @@ from lmops_jax.models import encoder_decoder, layers, model
 CFG = encoder_decoder.T5Config(vocab_size=64, d_model=32, num_encoder_layers=2, num_decoder_layers=2, num_heads=4,
                                head_dim=8, mlp_dim=48)
 MODEL = model.EncoderDecoderModel(CFG)
-GIN_DIR = pathlib.Path(__file__).resolve().parents[2] / "gin_configs" / "models"
+GIN_DIR = pathlib.Path(__file__).resolve().parents[2] / "lmops_jax" / "gin_configs" / "models"
 
 
 @functools.lru_cache(maxsize=None)

@@ -25,7 +25,7 @@ Per weighted token the student minimizes
 (`alpha` and `temperature` may be optax schedules of the step). Losses are sums normalized by the whole
 batch's token weight, so gradient accumulation matches the large batch as for `Trainer`. When the
 rules shard the vocabulary over a mesh axis of size > 1 (`tp` presets), KD, CE, argmax and the top-k
-KD run per vocabulary shard (`lmops_jax.vocab_parallel`): full-vocabulary logits are never gathered.
+KD run per vocabulary shard (`lmops_jax.losses.vocab_parallel`): full-vocabulary logits are never gathered.
 Metrics (per weighted token): `kd_loss`, `ce_loss`, `teacher_agreement` (top-1), `teacher_loss` (the
 teacher's CE on the batch); per step: `kd_alpha`, `kd_temperature`, `on_policy`.
 """
@@ -40,13 +40,14 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-from lmops_jax import checkpoints, decoding, losses
-from lmops_jax import vocab_parallel as vp
-from lmops_jax.distillation_store import (TOPK_IDS, TOPK_LOGPROBS, TARGET_LOGPROB, TopKBatches, TopKStore,
+from lmops_jax import checkpoints, losses
+from lmops_jax.inference import decoding
+from lmops_jax.losses import vocab_parallel as vp
+from lmops_jax.distillation.topk_store import (TOPK_IDS, TOPK_LOGPROBS, TARGET_LOGPROB, TopKBatches, TopKStore,
                                           dump_teacher_topk, teacher_from_checkpoint)
 from lmops_jax.models import decoder_only
 from lmops_jax.models.model import BaseModel, DecoderOnlyModel
-from lmops_jax.trainer import Trainer
+from lmops_jax.training.trainer import Trainer
 
 ScalarOrSchedule = float | Callable[[Any], Any]
 ON_POLICY = "gkd_on_policy"  # batch key: int32 [B], 1 for rows sampled from the student
@@ -157,7 +158,7 @@ class DistillationTrainer(Trainer):
     vocab_parallel: bool | None = None
 
     def __post_init__(self):
-        from lmops_jax import inference  # param shardings of a model under the rules
+        from lmops_jax.inference import inference_module as inference  # param shardings of a model under the rules
 
         if self.kd_loss not in losses.KD_KINDS:
             raise ValueError(f"unknown KD_LOSS {self.kd_loss!r}; choose one of {losses.KD_KINDS}")
@@ -255,7 +256,7 @@ class DistillationTrainer(Trainer):
     def check_data(self, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int]) -> None:
         """Teacher (its checkpoint's task) and student task must share the vocabulary; the top-k store
         must come from this task and seed."""
-        from lmops_jax import inference
+        from lmops_jax.inference import inference_module as inference
 
         student_vocab = inference.task_vocabulary_or_none(mixture_or_task_name)
         if self._teacher_task and self._teacher_task != mixture_or_task_name:
@@ -372,8 +373,8 @@ class DistillationTrainer(Trainer):
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m lmops_jax.distillation dump_topk <the distillation run's flags>`: writes KD_TOPK_DIR."""
     import gin
-    from lmops_jax import gin_utils
-    from lmops_jax import distillation_store
+    from lmops_jax.cli import gin_flags as gin_utils
+    from lmops_jax.distillation import topk_store as distillation_store
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout,
                         force=True)
@@ -396,6 +397,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
-
-if __name__ == "__main__":
-    main()

@@ -13,6 +13,7 @@ from typing import Sequence
 import gin
 import gin.config
 
+# The configs installed with the package; "gin_configs/x.gin" resolves here from any working directory.
 PACKAGE_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs")
 
 

@@ -42,8 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lmops_jax import beam_search as beam_lib
-from lmops_jax import checkpoints, decoding
+from lmops_jax.inference import beam_search as beam_lib
+from lmops_jax import checkpoints
+from lmops_jax.inference import decoding
 from lmops_jax.models import decoder_only, encoder_decoder
 from lmops_jax.models.model import BaseModel, DecoderOnlyModel, EncoderDecoderModel
 from lmops_jax.partitioning import Partitioner

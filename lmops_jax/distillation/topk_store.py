@@ -46,7 +46,7 @@ FORMAT_VERSION = 1
 
 def teacher_from_checkpoint(path: str) -> tuple[BaseModel, str | None]:
     """(teacher model, its MIXTURE_OR_TASK_NAME or None) from the gin config stored with a checkpoint."""
-    from lmops_jax import inference  # gin parsed in isolation, so the caller's config is untouched
+    from lmops_jax.inference import inference_module as inference  # gin parsed in isolation, so the caller's config is untouched
     return inference.model_from_checkpoint(path, "pass teacher_model")
 
 
@@ -164,7 +164,8 @@ def dump_teacher_topk(
     the arguments are the distillation run's gin macros (distill.gin binds them; KD_TOPK_DIR, KD_TOPK).
     An existing complete store in `output_dir` is an error (delete it first).
     """
-    from lmops_jax import gin_utils, inference
+    from lmops_jax.cli import gin_flags as gin_utils
+    from lmops_jax.inference import inference_module as inference
     from lmops_jax.data import pipeline
 
     for name, value in (("teacher_checkpoint", teacher_checkpoint), ("output_dir", output_dir)):

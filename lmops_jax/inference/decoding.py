@@ -17,7 +17,7 @@ structure, shapes and dtypes.
 Generation starts after a prefill done by the caller, who passes the logits predicting the first new
 token and the state after the prompt. The callback is called at most `max_new_tokens - 1` times (the
 first token comes from the prefill logits), so a KV cache needs room for prompt + max_new_tokens - 1
-positions. Beam search lives in `lmops_jax.beam_search` and shares the helpers of this module.
+positions. Beam search lives in `lmops_jax.inference.beam_search` and shares the helpers of this module.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Beam search over the `tokens_to_logits` callback of `lmops_jax.decoding`, as one `lax.while_loop`.
+"""Beam search over the `tokens_to_logits` callback of `lmops_jax.inference.decoding`, as one `lax.while_loop`.
 
 Scoring: a hypothesis of `length` tokens (EOS included) with summed log-probability `log_prob` scores
 
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lmops_jax.decoding import (PAD_ID, State, TokensToLogits, call_model, check_decode_inputs,
+from lmops_jax.inference.decoding import (PAD_ID, State, TokensToLogits, call_model, check_decode_inputs,
                                 expand_state, gather_beams)
 
 

@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lmops_jax import train_state as train_state_lib
+from lmops_jax.training import train_state as train_state_lib
 from lmops_jax.models.model import BaseModel
-from lmops_jax.optimizers import OptimizerConfig
+from lmops_jax.training.optimizers import OptimizerConfig
 from lmops_jax.partitioning import Partitioner
-from lmops_jax.summaries import MetricsWriter
-from lmops_jax.train_state import TrainState
+from lmops_jax.training.summaries import MetricsWriter
+from lmops_jax.training.train_state import TrainState
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]

@@ -1,0 +1,244 @@
+"""Inference entry point: predictions or scores over a seqio task's split, written as JSONL.
+
+    python -m lmops_jax.infer --gin_file=gin_configs/runs/infer.gin \\
+      --gin.CHECKPOINT_PATH="'/tmp/run'" --gin.MIXTURE_OR_TASK_NAME="'synthetic_lm'" \\
+      [--gin.INFER_OUTPUT_DIR="'/tmp/out'"] [--gin.MODE="'score'"] [--gin.NUM_EXAMPLES=256]
+
+`infer(...)` is also the Python API. The model comes from the gin config stored with the checkpoint
+(`InferenceModule.from_checkpoint`), so no model flags are repeated.
+
+Examples. Encoder-decoder models and decoder-only tasks with an "inputs" feature use it as the prompt
+and "targets" as the reference. Decoder-only tasks with only "targets" (plain language modelling) split
+each example: its first `prompt_length` tokens are the prompt, the rest the reference. MODE='predict'
+generates a continuation (`prediction`, its `log_prob`); MODE='score' gives the log-likelihood of the
+reference given the prompt (`score`). Each record also holds the detokenized `inputs` and `targets`.
+
+Outputs in `output_dir` (default MODEL_DIR/infer/<task>_<split>): `<mode>.jsonl` and `metrics.json`
+(example count, mean log-prob or score, and the task's seqio metrics: `predict_metric_fns` on the
+postprocessed targets and predictions, or `score_metric_fns` on targets and scores).
+
+Multi-process: each process reads its own shard of the split (`seqio.ShardInfo`), runs its examples
+(on a mesh spanning processes, all processes run the same number of batches, padding with dummy
+prompts) and writes `<mode>-<process>-of-<count>.jsonl`; after a barrier, process 0 concatenates the
+shards in process order into `<mode>.jsonl`, removes them and computes the metrics. `output_dir`
+must therefore be on a file system all processes share.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from lmops_jax import checkpoints
+from lmops_jax.cli import gin_flags as gin_utils
+from lmops_jax.inference.inference_module import InferenceModule
+
+MODES = ("predict", "score")
+
+
+def _local_count(total: int) -> int:
+    """This process's share of `total` examples (the first `total % n` processes get one more)."""
+    n, i = jax.process_count(), jax.process_index()
+    return total // n + (1 if i < total % n else 0)
+
+
+def _examples(task: Any, split: str, num_examples: int | None, task_feature_lengths, seed: int) -> list[dict]:
+    import seqio
+    ds = task.get_dataset(sequence_length=None if task_feature_lengths is None else dict(task_feature_lengths),
+                          split=split, shuffle=False, num_epochs=1, seed=seed, use_cached=False,
+                          shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count()))
+    if num_examples is not None:
+        ds = ds.take(_local_count(num_examples))
+    return list(ds.as_numpy_iterator())
+
+
+def _split_example(example: Mapping[str, Any], encoder_decoder: bool, prompt_length: int) -> tuple[list, list]:
+    """(prompt tokens, reference tokens) of one preprocessed example (module docstring)."""
+    targets = [int(t) for t in example["targets"]]
+    if "inputs" in example:
+        return [int(t) for t in example["inputs"]], targets
+    if encoder_decoder:
+        raise ValueError("an encoder-decoder model needs a task with an 'inputs' feature")
+    return targets[:prompt_length], targets[prompt_length:]
+
+
+def _to_json(value: Any) -> Any:
+    value = getattr(value, "value", value)  # seqio.metrics.Scalar and friends
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _metrics(task: Any, mode: str, records: list[dict]) -> dict[str, Any]:
+    import seqio
+    out: dict[str, Any] = {"num_examples": len(records)}
+    key = "log_prob" if mode == "predict" else "score"
+    if records:
+        out[f"mean_{key}"] = float(np.mean([r[key] for r in records]))
+    if not isinstance(task, seqio.Task) or not records:
+        return out
+    targets = [task.postprocess_fn(r["targets"], example=None, is_target=True) for r in records]
+    if mode == "predict":
+        predictions = [task.postprocess_fn(r["prediction"], example=None, is_target=False) for r in records]
+        for fn in task.predict_metric_fns:
+            out.update({k: _to_json(v) for k, v in fn(targets, predictions).items()})
+    else:
+        for fn in task.score_metric_fns:
+            out.update({k: _to_json(v) for k, v in fn(targets, [r["score"] for r in records]).items()})
+    return out
+
+
+def _check_args(**values: Any) -> None:
+    missing = [name for name, value in values.items() if value is None or gin_utils.is_required_sentinel(value)]
+    if missing:
+        raise gin_utils.GinConfigError(f"infer(): required arguments not set: {', '.join(missing)} "
+                                       "(CHECKPOINT_PATH, MIXTURE_OR_TASK_NAME in infer.gin)")
+
+
+def infer(
+    *,
+    checkpoint_path: str,
+    mixture_or_task_name: str,
+    output_dir: str | None = None,
+    mode: str = "predict",
+    split: str = "validation",
+    num_examples: int | None = 64,
+    batch_size: int = 8,
+    task_feature_lengths: Mapping[str, int] | None = None,
+    prompt_length: int = 16,
+    max_new_tokens: int = 64,
+    method: str = "greedy",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    num_beams: int = 4,
+    length_penalty: float = 1.0,
+    seed: int = 0,
+    dtype: str | None = None,
+    mesh_shape: Mapping[str, int] | None = None,
+    logical_axis_rules: Any = "tp",
+    setup_fns: Sequence[Callable[[], Any]] = (),
+) -> dict[str, Any]:
+    """Runs the checkpoint's model over a task split and returns the metrics (also in metrics.json).
+
+    Args:
+      checkpoint_path: MODEL_DIR, checkpoints folder or step folder (CHECKPOINT_PATH).
+      mixture_or_task_name: registered seqio task or mixture (MIXTURE_OR_TASK_NAME).
+      output_dir: where the JSONL and metrics go (INFER_OUTPUT_DIR); default MODEL_DIR/infer/<task>_<split>.
+      mode: 'predict' or 'score' (MODE).
+      split: task split (SPLIT).
+      num_examples: examples over all processes (NUM_EXAMPLES); None reads the whole split, which never
+        ends for the synthetic tasks.
+      batch_size: examples per batch over all processes (BATCH_SIZE).
+      task_feature_lengths: seqio trimming lengths, e.g. {'inputs': 256, 'targets': 256}; None: no trimming.
+      prompt_length: prompt tokens of target-only decoder examples (PROMPT_LENGTH).
+      max_new_tokens, method, temperature, top_k, top_p, num_beams, length_penalty, seed: decoding
+        (see `InferenceModule.generate`); predict mode only.
+      dtype, mesh_shape, logical_axis_rules: see `InferenceModule.from_checkpoint`.
+      setup_fns: called first, e.g. task registrations.
+    """
+    _check_args(checkpoint_path=checkpoint_path, mixture_or_task_name=mixture_or_task_name)
+    if mode not in MODES:
+        raise ValueError(f"MODE must be one of {MODES}, got {mode!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"BATCH_SIZE must be a positive int, got {batch_size!r}")
+    import seqio
+    from lmops_jax.data import tasks  # noqa: F401  registers the built-in tasks
+    for fn in setup_fns:
+        fn()
+    try:
+        task = seqio.get_mixture_or_task(mixture_or_task_name)
+    except ValueError as e:
+        raise ValueError(f"unknown seqio task or mixture {mixture_or_task_name!r} (MIXTURE_OR_TASK_NAME)") from e
+    if output_dir is None:
+        model_dir = os.path.dirname(checkpoints.resolve(checkpoint_path)[0])
+        output_dir = os.path.join(model_dir, "infer", f"{mixture_or_task_name}_{split}")
+    module = InferenceModule.from_checkpoint(
+        checkpoint_path, dtype=dtype, mesh_shape=mesh_shape, logical_axis_rules=logical_axis_rules,
+        vocabulary=task.output_features["targets"].vocabulary)
+    vocab = module.vocabulary
+    start = time.time()
+    examples = [_split_example(ex, module.is_encoder_decoder, prompt_length)
+                for ex in _examples(task, split, num_examples, task_feature_lengths, seed)]
+    local_batch = max(1, batch_size // jax.process_count())
+    num_batches = -(-len(examples) // local_batch)
+    if module.spans_processes:  # every process must join every jitted call
+        num_batches = int(np.max(multihost_utils.process_allgather(np.array(num_batches))))
+    records: list[dict] = []
+    for b in range(num_batches):
+        chunk = examples[b * local_batch:(b + 1) * local_batch]
+        run = chunk or [([1], [1])]  # a dummy row for a process whose shard ran out
+        prompts, references = [p for p, _ in run], [r for _, r in run]
+        if mode == "predict":
+            out = module.generate(prompts, max_new_tokens=max_new_tokens, method=method, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
+                                  seed=seed + b)
+            values = [{"prediction": vocab.decode(t), "log_prob": float(lp)}
+                      for t, lp in zip(out.tokens, out.log_probs)]
+        else:
+            values = [{"score": float(s)} for s in module.score(prompts, references)]
+        for i, (prompt, reference) in enumerate(chunk):
+            records.append({"inputs": vocab.decode(prompt), "targets": vocab.decode(reference), **values[i]})
+    logging.info("%s: %d examples in %.1f s", mode, len(records), time.time() - start)
+
+    os.makedirs(output_dir, exist_ok=True)
+    count, index = jax.process_count(), jax.process_index()
+    shard = os.path.join(output_dir, f"{mode}-{index:05d}-of-{count:05d}.jsonl")
+    with open(shard, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    if count > 1:
+        multihost_utils.sync_global_devices("lmops_jax.inference.infer: shards written")
+    metrics: dict[str, Any] = {}
+    if index == 0:
+        merged: list[dict] = []
+        shards = [os.path.join(output_dir, f"{mode}-{i:05d}-of-{count:05d}.jsonl") for i in range(count)]
+        with open(os.path.join(output_dir, f"{mode}.jsonl"), "w", encoding="utf-8") as out_file:
+            for path in shards:
+                with open(path, encoding="utf-8") as f:
+                    lines = f.readlines()
+                out_file.writelines(lines)
+                merged.extend(json.loads(line) for line in lines)
+                os.remove(path)
+        metrics = {"task": mixture_or_task_name, "split": split, "mode": mode, "checkpoint": checkpoint_path,
+                   **_metrics(task, mode, merged)}
+        with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=2)
+        logging.info("wrote %s and metrics.json to %s: %s", f"{mode}.jsonl", output_dir, metrics)
+    if count > 1:
+        multihost_utils.sync_global_devices("lmops_jax.inference.infer: merged")
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: parse gin flags, then call the gin-configured `infer`. Exit code 2 for a bad configuration."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout,
+                        force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    import gin
+
+    from lmops_jax.inference import infer as infer_module  # under `python -m` this file is __main__
+    from lmops_jax.training.train import initialize_distributed
+
+    try:
+        args = gin_utils.parse_flags(sys.argv[1:] if argv is None else argv)
+        initialize_distributed(args)
+        gin_utils.parse(args.gin_file, args.gin_bindings, args.gin_search_paths.split(","))
+        try:
+            configured = gin.get_configurable(infer_module.infer)
+        except ValueError as e:
+            raise gin_utils.GinConfigError(
+                "the gin files bind nothing to lmops_jax.inference.infer.infer; include gin_configs/runs/infer.gin "
+                f"({e})") from e
+        configured()
+    except (gin_utils.GinConfigError, checkpoints.CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+

@@ -1,0 +1,277 @@
+"""Training entry point: `python -m lmops_jax.train --gin_file=... [--gin.NAME=VALUE ...]`.
+
+`train(...)` is also the Python API for notebooks: every collaborator (model, partitioner, optimizer,
+trainer class) is a typed argument, so it runs without gin and gin can swap any of them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+
+from lmops_jax import checkpoints
+from lmops_jax.training import flops
+from lmops_jax.cli import gin_flags as gin_utils
+from lmops_jax.checkpoints import CheckpointConfig, Checkpointer
+from lmops_jax.models.model import BaseModel
+from lmops_jax.training.optimizers import OptimizerConfig
+from lmops_jax.partitioning import Partitioner
+from lmops_jax.training.summaries import MetricsWriter
+from lmops_jax.training.trainer import Trainer
+from lmops_jax.training.train_state import TrainState, overlay_params, param_count
+
+
+def _check_required(**values: Any) -> None:
+    missing = [name for name, value in values.items() if gin_utils.is_required_sentinel(value)]
+    if missing:
+        raise gin_utils.GinConfigError(f"train(): required arguments not bound by gin: {', '.join(missing)}")
+
+
+def _check_vocabulary(task_name: str, model: BaseModel) -> None:
+    import seqio
+    task = seqio.get_mixture_or_task(task_name)
+    for name, feature in task.output_features.items():
+        if feature.vocabulary.vocab_size > model.vocab_size:
+            raise ValueError(
+                f"task {task_name!r} feature {name!r} has a vocabulary of {feature.vocabulary.vocab_size} "
+                f"tokens, more than the model's vocab_size={model.vocab_size}")
+
+
+class Preempted(RuntimeError):
+    """Training stopped on a signal after saving a checkpoint at `step`."""
+
+    def __init__(self, step: int, signal_name: str):
+        super().__init__(f"{signal_name} received: saved a checkpoint at step {step}; run the same command "
+                         "again to resume")
+        self.step = step
+        self.signal_name = signal_name
+
+
+class _StopOnSignals:
+    """Turns SIGTERM/SIGINT into a flag the training loop checks after each step (main thread only)."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _initial_state(trainer: Trainer, checkpointer: Checkpointer, train_batches: Any, initial_checkpoint_path,
+                   assignment_map, init_missing_params) -> tuple[TrainState, str]:
+    """Resume from MODEL_DIR if it has checkpoints, else start from INITIAL_CHECKPOINT_PATH or scratch.
+
+    Checkpoints hold `trainer.checkpoint_view` of the state; when that is a subset of the params (LoRA
+    adapters), a resume takes the rest from INITIAL_CHECKPOINT_PATH (or the seed's init).
+    """
+    def fresh() -> tuple[TrainState, str]:
+        state = trainer.init_state()
+        if not initial_checkpoint_path:
+            return state, "initialized from scratch"
+        params = checkpoints.restore_params(
+            initial_checkpoint_path, trainer.abstract_state.params, trainer.state_shardings.params,
+            assignment_map=assignment_map, init_missing=(lambda: state.params) if init_missing_params else None)
+        return state.replace(params=params), f"params restored from {initial_checkpoint_path}"
+
+    saved_abstract = trainer.checkpoint_view(trainer.abstract_state)
+    restored = checkpointer.restore_latest(saved_abstract, trainer.checkpoint_view(trainer.state_shardings))
+    if restored is not None:
+        state, data_state, step = restored
+        train_batches.set_state(data_state)
+        if saved_abstract is not trainer.abstract_state:  # a partial checkpoint: complete its params
+            base, _ = fresh()
+            state = state.replace(params=overlay_params(base.params, state.params))
+        return state, f"resumed from step {step} in {checkpointer.directory}"
+    return fresh()
+
+
+def train(
+    *,
+    model: BaseModel,
+    model_dir: str,
+    train_steps: int,
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    batch_size: int,
+    partitioner: Partitioner | None = None,
+    optimizer: OptimizerConfig | None = None,
+    trainer_cls: Callable[..., Trainer] = Trainer,
+    num_microbatches: int = 1,
+    seed: int = 0,
+    pack: bool = True,
+    log_period: int = 50,
+    eval_period: int = 0,
+    eval_steps: int = 4,
+    peak_flops: float | None = None,
+    setup_fns: Sequence[Callable[[], Any]] = (),
+    checkpoint: CheckpointConfig | None = None,
+    initial_checkpoint_path: str | None = None,
+    assignment_map: Sequence[tuple[str, str | None]] = (),
+    init_missing_params: bool = False,
+    config_str: str | None = None,
+) -> tuple[Trainer, TrainState]:
+    """Trains `model` on a seqio task or mixture and returns (trainer, final state).
+
+    Args:
+      model: model wrapper (MODEL).
+      model_dir: output folder for metrics.jsonl, TensorBoard events and config.gin (MODEL_DIR).
+      train_steps: total optimizer steps (TRAIN_STEPS).
+      mixture_or_task_name: a registered seqio task or mixture (MIXTURE_OR_TASK_NAME).
+      task_feature_lengths: e.g. {'targets': 256} or {'inputs': 64, 'targets': 64} (TASK_FEATURE_LENGTHS).
+      batch_size: global batch size (BATCH_SIZE).
+      partitioner: mesh and rules (MESH_SHAPE, LOGICAL_AXIS_RULES); default data parallel on all devices.
+      optimizer: default AdamW with cosine schedule.
+      trainer_cls: Trainer or a subclass (e.g. distillation), called with the arguments above.
+      num_microbatches: gradient accumulation factor.
+      seed: parameter init, data order and per-step PRNG keys.
+      pack: pack several examples per row (seqio feature converter packing).
+      log_period: steps between metric records (the last step is always logged).
+      eval_period: steps between evaluations on the validation split (0: only at the end).
+      eval_steps: batches per evaluation (EVAL_STEPS).
+      peak_flops: FLOP/s of the whole job for MFU; None measures a matmul peak in this process.
+      setup_fns: called first, e.g. gin-bound task registrations that read TEXT_FILES.
+      checkpoint: when to save and what to keep (default CheckpointConfig()). A run whose MODEL_DIR
+        holds checkpoints resumes from the newest readable one, data position included.
+      initial_checkpoint_path: for a fresh MODEL_DIR, params-only start (fine-tuning) from this
+        checkpoint; step and optimizer state start fresh (INITIAL_CHECKPOINT_PATH).
+      assignment_map: regex rules from checkpoint param names to model names (see checkpoints.map_names).
+      init_missing_params: initialize model params absent from the initial checkpoint from scratch.
+      config_str: gin config text, written to MODEL_DIR/config.gin and into every checkpoint.
+
+    SIGTERM or SIGINT during training saves a checkpoint at the current step, waits for it, and raises
+    `Preempted`; running the same command again resumes with no step lost.
+    """
+    _check_required(model=model, model_dir=model_dir, train_steps=train_steps,
+                    mixture_or_task_name=mixture_or_task_name, task_feature_lengths=task_feature_lengths,
+                    batch_size=batch_size)
+    from lmops_jax.data import pipeline, tasks  # TensorFlow is imported only when data is needed
+
+    for fn in setup_fns:
+        fn()
+    partitioner = partitioner or Partitioner()
+    optimizer = optimizer or OptimizerConfig()
+    task_feature_lengths = dict(task_feature_lengths)
+    converter = model.feature_converter_cls(pack=pack)
+    batch_sharding = partitioner.data_sharding()
+
+    def batches(split: str, shuffle: bool, data_seed: int):
+        def dataset_fn():
+            return pipeline.get_dataset(
+                mixture_or_task_name, task_feature_lengths, converter, global_batch_size=batch_size,
+                split=split, shuffle=shuffle, seed=data_seed)
+        return pipeline.GlobalBatchIterator(dataset_fn, batch_sharding)
+
+    train_batches = batches("train", True, seed)  # fails here, before any compile, on an unknown task
+    eval_batches_fn = lambda: batches("validation", False, 0)  # noqa: E731  same batches every time
+    _check_vocabulary(mixture_or_task_name, model)
+    trainer = trainer_cls(model=model, partitioner=partitioner, optimizer=optimizer, num_train_steps=train_steps,
+                          batch_size=batch_size, task_feature_lengths=task_feature_lengths,
+                          num_microbatches=num_microbatches, seed=seed)
+    trainer.check_data(mixture_or_task_name, task_feature_lengths)
+
+    os.makedirs(model_dir, exist_ok=True)
+    if config_str is not None and jax.process_index() == 0:
+        with open(os.path.join(model_dir, "config.gin"), "w", encoding="utf-8") as f:
+            f.write(config_str)
+
+    checkpointer = Checkpointer(model_dir, checkpoint)
+    state, start = _initial_state(trainer, checkpointer, train_batches, initial_checkpoint_path, assignment_map,
+                                  init_missing_params)
+    logging.info("%s: %s parameters (%s trainable); mesh %s; rules %s", start, f"{param_count(state.params):,}",
+                 f"{trainer.optimizer.trainable_count(state.params):,}",
+                 partitioner.axis_sizes, partitioner.rules)
+    if peak_flops is None:
+        compute_dtype = getattr(getattr(model, "config", None), "dtype", "float32")
+        peak_flops = flops.host_peak_flops(compute_dtype)
+        logging.info("measured matmul peak: %.3g FLOP/s (%s)", peak_flops, compute_dtype)
+
+    optimal_loss = tasks.known_optimal_loss(mixture_or_task_name, task_feature_lengths)
+    if optimal_loss is not None:
+        logging.info("optimal loss of %s at these lengths (the source's entropy): %.4f nats/token",
+                     mixture_or_task_name, optimal_loss)
+
+    def save(step: int, current: TrainState, force: bool = False) -> None:
+        checkpointer.save(step, trainer.checkpoint_view(current), data_state=train_batches.get_state(), config_str=config_str, force=force)
+
+    def after_step(step: int, current: TrainState) -> None:
+        if stop.requested:
+            save(step, current, force=True)
+            checkpointer.wait()
+            raise Preempted(step, stop.requested)
+        save(step, current)
+
+    writer = MetricsWriter(model_dir)
+    try:
+        with _StopOnSignals() as stop:
+            state = trainer.fit(state, train_batches, writer=writer, log_period=log_period,
+                                eval_batches_fn=eval_batches_fn, eval_period=eval_period, eval_steps=eval_steps,
+                                peak_flops=peak_flops, after_step=after_step, optimal_loss=optimal_loss)
+        save(int(jax.device_get(state.step)), state, force=True)
+        checkpointer.wait()
+    finally:
+        writer.close()
+        checkpointer.close()
+    return trainer, state
+
+
+def initialize_distributed(args: Any) -> None:
+    """`jax.distributed.initialize` when asked: explicit flags, or `--multihost` to let JAX detect the
+    cluster (TPU pods, SLURM, Open MPI, Kubernetes). Must run before anything touches the devices."""
+    if args.coordinator_address:
+        if args.num_processes is None or args.process_id is None:
+            raise gin_utils.GinConfigError("--coordinator_address needs --num_processes and --process_id")
+        if args.cpu_collectives:
+            jax.config.update("jax_cpu_collectives_implementation", args.cpu_collectives)
+        jax.distributed.initialize(args.coordinator_address, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    elif args.multihost:
+        jax.distributed.initialize()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: parse gin flags, then call the gin-configured `train`.
+
+    Exit codes: 2 for a bad configuration, 143 / 130 after a SIGTERM / SIGINT checkpoint.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout,
+                        force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and seqio log every file operation at INFO
+    import gin
+
+    # Under `python -m` this file runs as __main__; gin registered the importable module's function.
+    from lmops_jax.training import train as train_module
+
+    try:
+        args = gin_utils.parse_flags(sys.argv[1:] if argv is None else argv)
+        initialize_distributed(args)
+        gin_utils.parse(args.gin_file, args.gin_bindings, args.gin_search_paths.split(","))
+        try:
+            configured_train = gin.get_configurable(train_module.train)
+        except ValueError as e:
+            raise gin_utils.GinConfigError(
+                "the gin files bind nothing to lmops_jax.training.train.train; include gin_configs/runs/pretrain.gin "
+                f"or bind train.* yourself ({e})") from e
+        configured_train(config_str=gin.config_str())
+    except gin_utils.GinConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except train_module.Preempted as stopped:
+        logging.warning("%s", stopped)
+        sys.exit(143 if stopped.signal_name == "SIGTERM" else 130)
+
