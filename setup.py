@@ -16,8 +16,10 @@ DATA = [
     "tensorflow-text==2.21.1",
     "tensorflow-datasets==4.9.10",
     "sentencepiece>=0.2",
+    "tokenizers>=0.20,<0.24",  # Hugging Face tokenizer.json vocabularies (data/hf_tokenizer.py)
 ]
 PEFT = ["qwix==0.1.8"]
+VIEWER = ["tensorboard>=2.20,<3"]  # `tensorboard --logdir MODEL_DIR` (the run writes events with tensorboardX)
 T5 = ["t5==0.9.4"]
 DEV = ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5,<6", "safetensors>=0.4"]
 
@@ -34,7 +36,8 @@ setuptools.setup(
         "data": DATA,
         "peft": PEFT,
         "t5": T5,  # install after [all]: it swaps seqio/tfds for the nightlies it pins
+        "tensorboard": VIEWER,
         "dev": DEV,
-        "all": DATA + PEFT,
+        "all": DATA + PEFT + VIEWER,
     },
 )

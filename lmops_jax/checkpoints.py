@@ -3,7 +3,8 @@
 Layout of a run's checkpoints (`MODEL_DIR/checkpoints/<step>/`), one Orbax CheckpointManager item each:
   state/   the TrainState as a pytree {'step', 'params', 'opt_state'} (tensorstore, sharded writes)
   data/    JSON: the data iterator position ({'batches_consumed': n}), so resume replays the next batch
-  config/  JSON: {'gin': the gin config text}, so a checkpoint rebuilds its own model
+  config/  JSON: {'gin': the gin config text (for humans and resuming), 'model_spec': the typed model spec
+           that rebuilds the model without gin (`models.spec`; absent in older checkpoints)}
 
 Orbax writes a step into a temporary folder and renames it when complete, so a save killed midway never
 appears as a step; a finished step that fails to read (e.g. a truncated file) is reported and the
@@ -18,16 +19,20 @@ import dataclasses
 import logging
 import os
 import re
-import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+if __name__ == "__main__":  # before anything is defined twice (see cli.runner.run_as_main)
+    from lmops_jax.cli import runner
+
+    runner.run_as_main("lmops_jax.checkpoints")
 
 CHECKPOINTS_SUBDIR = "checkpoints"
 STATE, DATA, CONFIG = "state", "data", "config"
+UNREADABLE_SUFFIX = ".unreadable"
 
 
 class CheckpointError(ValueError):
@@ -95,14 +100,18 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, *, data_state: Mapping[str, Any] | None = None,
-             config_str: str | None = None, force: bool = False) -> bool:
-        """Saves when `step` is due (or `force`); returns whether a save started. Asynchronous."""
+             config_str: str | None = None, model_spec: Mapping[str, Any] | None = None,
+             force: bool = False) -> bool:
+        """Saves when `step` is due (or `force`); returns whether a save started. Asynchronous.
+
+        `model_spec` is the JSON of `models.spec.ModelSpec.to_json()`, stored beside the gin text.
+        """
         if step in self.manager.all_steps() or not (force or step % self.config.period == 0):
             return False
         args = ocp.args.Composite(**{
             STATE: ocp.args.PyTreeSave(_state_to_tree(state)),
             DATA: ocp.args.JsonSave(dict(data_state or {})),
-            CONFIG: ocp.args.JsonSave({"gin": config_str or ""}),
+            CONFIG: _config_item(config_str, model_spec),
         })
         return self.manager.save(step, args=args, force=True)
 
@@ -115,8 +124,9 @@ class Checkpointer:
     def restore_latest(self, abstract_state: Any, shardings: Any) -> tuple[Any, dict, int] | None:
         """The newest readable checkpoint as (state, data_state, step), or None if there is none.
 
-        A step that fails to read is logged and skipped, falling back to the one before; nothing is
-        deleted.
+        A step that fails to read is logged, renamed to `<step>.unreadable` (kept, never deleted, and out of
+        the manager's step list, so the run saves that step again when it reaches it) and skipped, falling
+        back to the one before.
         """
         target = _state_to_tree(abstract_state)
         restore_args = ocp.checkpoint_utils.construct_restore_args(target, _state_to_tree(shardings))
@@ -126,8 +136,9 @@ class Checkpointer:
                     STATE: ocp.args.PyTreeRestore(item=target, restore_args=restore_args),
                     DATA: ocp.args.JsonRestore()}))
             except Exception as e:  # orbax/tensorstore raise many types for unreadable data
-                logging.error("checkpoint step %d in %s is unreadable (%s: %s); falling back to an earlier step",
-                              step, self.directory, type(e).__name__, str(e)[:300])
+                aside = self._move_aside(step)
+                logging.error("checkpoint step %d in %s is unreadable (%s: %s); moved it to %s and falling back "
+                              "to an earlier step", step, self.directory, type(e).__name__, str(e)[:300], aside)
                 continue
             tree = restored[STATE]
             state = abstract_state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"])
@@ -135,6 +146,28 @@ class Checkpointer:
         if self.all_steps():
             raise CheckpointError(f"no readable checkpoint among steps {self.all_steps()} in {self.directory}")
         return None
+
+
+    def _move_aside(self, step: int) -> str:
+        """Renames an unreadable step folder to `<step>.unreadable[-n]` (process 0; all processes wait)."""
+        aside = unreadable_name(self.directory, step)
+        if jax.process_index() == 0:
+            os.rename(os.path.join(self.directory, str(step)), aside)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"checkpoint step {step} moved aside")
+        self.manager.reload()
+        return aside
+
+
+def unreadable_name(directory: str, step: int) -> str:
+    """A free `<step>.unreadable[-n]` path in `directory` for a step that failed to restore."""
+    base = os.path.join(directory, f"{step}{UNREADABLE_SUFFIX}")
+    candidate, n = base, 0
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -182,10 +215,23 @@ def checkpoint_param_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]
     return {name: (tuple(m.shape), str(m.dtype)) for name, m in _param_metadata(manager, step).items()}
 
 
+def _config_item(config_str: str | None, model_spec: Mapping[str, Any] | None) -> ocp.args.JsonSave:
+    return ocp.args.JsonSave({"gin": config_str or "", "model_spec": None if model_spec is None else dict(model_spec)})
+
+
+def _read_config_item(path: str) -> dict:
+    manager, directory, step = _open_step(path)
+    return dict(manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG] or {})
+
+
 def read_config(path: str) -> str:
     """The gin config text stored with a checkpoint (empty if it was saved without one)."""
-    manager, directory, step = _open_step(path)
-    return manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]["gin"]
+    return _read_config_item(path).get("gin") or ""
+
+
+def read_model_spec(path: str) -> dict | None:
+    """The model spec JSON stored with a checkpoint (`models.spec`), or None for one saved without it."""
+    return _read_config_item(path).get("model_spec")
 
 
 def map_names(checkpoint_names: Sequence[str], assignment_map: Sequence[tuple[str, str | None]]) -> dict[str, str]:
@@ -265,40 +311,66 @@ def restore_params(
     return unflatten(out)
 
 
-def save_params(model_dir: str, params: Any, config_str: str, step: int = 0) -> str:
-    """Writes a params-only checkpoint (e.g. converted weights) readable by `restore_params`."""
+def save_params(model_dir: str, params: Any, config_str: str, step: int = 0, *,
+                model_spec: Mapping[str, Any] | None = None) -> str:
+    """Writes a params-only checkpoint (e.g. converted weights) readable by `restore_params`, with the gin
+    text and the model spec JSON (`models.spec.ModelSpec.to_json()`) that rebuild its model."""
     manager = _manager(os.path.join(model_dir, CHECKPOINTS_SUBDIR), async_save=False)
     manager.save(step, args=ocp.args.Composite(**{
         STATE: ocp.args.PyTreeSave({"step": np.int32(step), "params": params}),
-        DATA: ocp.args.JsonSave({}), CONFIG: ocp.args.JsonSave({"gin": config_str})}), force=True)
+        DATA: ocp.args.JsonSave({}), CONFIG: _config_item(config_str, model_spec)}), force=True)
     manager.wait_until_finished()
     manager.close()
     return os.path.join(model_dir, CHECKPOINTS_SUBDIR, str(step))
 
 
-def inspect(path: str) -> str:
-    """Human-readable listing of a checkpoint's steps and parameter shapes."""
-    directory, _ = resolve(path)
-    steps = sorted(_manager(directory, read_only=True).all_steps())
+def _step_problem(manager: ocp.CheckpointManager, step: int, verify: bool) -> str | None:
+    """Why `step` cannot be restored, or None. Reads its metadata, and with `verify` every array."""
+    try:
+        if verify:
+            manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore()}))
+        else:
+            manager.item_metadata(step)
+    except Exception as e:  # orbax/tensorstore raise many types for unreadable data
+        return f"{type(e).__name__}: {str(e)[:200]}"
+    return None
+
+
+def inspect(path: str, verify: bool = False) -> str:
+    """Human-readable listing of a checkpoint's steps and parameter shapes.
+
+    Steps whose metadata cannot be read are marked UNREADABLE; `verify` also reads every array of every
+    step (slow for large models), which finds missing or truncated data files.
+    """
+    directory, requested = resolve(path)
+    manager = _manager(directory, read_only=True)
+    steps = sorted(manager.all_steps())
     lines = [f"checkpoints in {directory}: steps {steps}"]
-    shapes = checkpoint_param_shapes(path)
+    readable = []
+    for step in steps:
+        problem = _step_problem(manager, step, verify)
+        if problem:
+            lines.append(f"  step {step}: UNREADABLE ({problem})")
+        else:
+            readable.append(step)
+    aside = sorted(name for name in os.listdir(directory) if UNREADABLE_SUFFIX in name)
+    if aside:
+        lines.append(f"unreadable steps moved aside by a resume (kept for inspection): {', '.join(aside)}")
+    if not steps:
+        raise CheckpointError(f"no complete checkpoint in {directory!r}")
+    shown = requested if requested is not None else (readable or steps)[-1]
+    shapes = checkpoint_param_shapes(os.path.join(directory, str(shown)))
     total = sum(int(np.prod(s)) for s, _ in shapes.values())
-    lines.append(f"parameters ({len(shapes)} arrays, {total:,} values):")
+    lines.append(f"parameters of step {shown} ({len(shapes)} arrays, {total:,} values):")
     lines += [f"  {name:60s} {str(shape):20s} {dtype}" for name, (shape, dtype) in sorted(shapes.items())]
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str]) -> int:
-    if len(argv) != 2 or argv[0] != "inspect":
-        print("usage: python -m lmops_jax.checkpoints inspect PATH", file=sys.stderr)
-        return 2
-    try:
-        print(inspect(argv[1]))
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lmops_jax.checkpoints inspect PATH` through the CLI runner (exit 2 for a bad PATH)."""
+    from lmops_jax.cli import runner
 
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    job = runner.ArgsJob("list the steps and parameter shapes of a checkpoint",
+                         lambda parser: parser.add_argument("path", help="model dir, checkpoints folder or step"),
+                         lambda args: print(inspect(args.path)))
+    return runner.run("python -m lmops_jax.checkpoints", __doc__.split("\n\n")[0], {"inspect": job}, argv)

@@ -72,6 +72,28 @@ def _axes_tuple(axes: MeshAxes) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
+def check_mesh_axes_used(mesh_shape: Mapping[str, int], rules: Rules) -> None:
+    """Fails on a mesh axis that no rule uses, so a misspelt axis cannot silently leave work unsplit.
+
+    An axis outside `STANDARD_MESH_AXES` must be named by a rule; a standard axis no rule names must have
+    size 1 (its devices would only hold copies). `mesh_shape` is the requested {axis: size} (-1 counts
+    as more than one device).
+    """
+    named = {axis for _, axes in rules for axis in _axes_tuple(axes)}
+    for axis, size in mesh_shape.items():
+        if axis in named:
+            continue
+        if axis not in STANDARD_MESH_AXES:
+            raise ValueError(
+                f"MESH_SHAPE axis {axis!r} is not a known mesh axis {STANDARD_MESH_AXES} and no logical axis rule "
+                f"names it (rules name {sorted(named)}); check its spelling")
+        if size != 1:
+            raise ValueError(
+                f"MESH_SHAPE axis {axis!r} has size {size} but no logical axis rule uses it (rules name "
+                f"{sorted(named)}), so its devices would only hold copies; choose rules that use it "
+                f"(e.g. LOGICAL_AXIS_RULES='tp' for 'model', 'fsdp' for 'fsdp') or give it size 1")
+
+
 def validate_rules(rules: Rules, mesh_axis_names: Sequence[str]) -> None:
     """Fails if a rule names a mesh axis the mesh does not have."""
     for logical, axes in rules:
@@ -179,6 +201,7 @@ class Partitioner:
         self.mesh = make_mesh(shape, self.devices)
         self.rules = logical_axis_rules(self.logical_axis_rules)
         validate_rules(self.rules, self.mesh.axis_names)
+        check_mesh_axes_used(self.mesh_shape, self.rules)
         self.axis_sizes = dict(self.mesh.shape)
 
     @contextlib.contextmanager
@@ -220,7 +243,3 @@ class Partitioner:
                     return self.sharding(x.names, value.shape)
             return self.replicated
         return jax.tree.map(leaf_sharding, tree, is_leaf=_is_box)
-
-    def logical_names_of_boxed(self, tree: Any) -> Any:
-        """The tree of logical name tuples (None for unboxed leaves) of a boxed pytree."""
-        return jax.tree.map(lambda x: tuple(x.names) if _is_box(x) else None, tree, is_leaf=_is_box)

@@ -56,7 +56,7 @@ def test_preempted_run_resumes_bitwise(uninterrupted, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_corrupt_latest_step_falls_back_and_deletes_nothing(uninterrupted, tmp_path, caplog):
+def test_corrupt_latest_step_falls_back_is_moved_aside_and_saved_again(uninterrupted, tmp_path, caplog):
     model_dir = tmp_path / "run"
     shutil.copytree(uninterrupted[0], model_dir)
     t = trainer.Trainer(tiny_llama(vocab_size=512), partitioning.Partitioner({"data": 2}, devices=jax.devices()[:2]),
@@ -70,11 +70,23 @@ def test_corrupt_latest_step_falls_back_and_deletes_nothing(uninterrupted, tmp_p
             if "manifest" in name or name.startswith("d") or root.endswith("d"):
                 with open(os.path.join(root, name), "r+b") as f:
                     f.truncate(7)
+    assert "step 6: UNREADABLE" in checkpoints.inspect(str(model_dir), verify=True)
+    assert "step 4: UNREADABLE" not in checkpoints.inspect(str(model_dir), verify=True)
     with caplog.at_level(logging.ERROR):
         state, data_state, step = ckpt.restore_latest(t.abstract_state, t.state_shardings)
     assert step == 4 and int(state.step) == 4 and data_state == {"batches_consumed": 4}
     assert "checkpoint step 6" in caplog.text and "unreadable" in caplog.text
+    # The damaged step is kept under another name, out of the step list, so step 6 is saved again.
+    assert ckpt.all_steps() == [2, 4]
+    assert os.path.isdir(os.path.join(ckpt.directory, "6.unreadable", "state"))
+    assert "6.unreadable" in checkpoints.inspect(str(model_dir))
+    assert ckpt.save(6, state, data_state=data_state, force=True)
+    ckpt.wait()
     assert ckpt.all_steps() == [2, 4, 6]
+    _, _, step = ckpt.restore_latest(t.abstract_state, t.state_shardings)
+    assert step == 6
+    # A second failure of the same step does not overwrite the first copy.
+    assert checkpoints.unreadable_name(ckpt.directory, 6).endswith("6.unreadable-1")
 
 
 def test_params_only_restore_reshards_onto_fsdp_mesh(uninterrupted):

@@ -10,9 +10,13 @@ import pytest
 
 import flax.linen as nn
 import jax.numpy as jnp
+import optax
 
-from lmops_jax import (checkpoints, distillation, distillation_store, losses, optimizers, partitioning, trainer,
-                       vocab_parallel)
+from lmops_jax import checkpoints, losses, partitioning
+from lmops_jax.distillation import topk_store as distillation_store
+from lmops_jax.distillation import trainer as distillation
+from lmops_jax.losses import vocab_parallel
+from lmops_jax.training import optimizers, trainer
 from tests.helpers import lm_batch, model_gin, tiny_llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,9 +109,12 @@ def _in_memory_student(mesh, rules, devices=None, **kw):
     teacher = tiny_llama(vocab_size=512, num_layers=2)
     params = nn.meta.unbox(teacher.init_params(jax.random.key(7), teacher.input_shapes(1, {"targets": 16})))
     p = partitioning.Partitioner(mesh, rules, devices=devices)
+    # SGD at rate 1: a step moves params by the (clipped) gradient, so comparing steps compares gradients.
+    # Adam's first step, g / (|g| + eps), turns rounding in near-zero gradients into lr-sized differences.
+    sgd = optimizers.OptimizerConfig(name="sgd", learning_rate=1.0, warmup_steps=0)
     return distillation.DistillationTrainer(
-        tiny_llama(vocab_size=512), p, optimizers.OptimizerConfig(warmup_steps=0), 10, 8, {"targets": 16},
-        teacher_model=teacher, teacher_params=jax.device_get(params), kd_alpha=0.6, kd_temperature=2.0, **kw)
+        tiny_llama(vocab_size=512), p, sgd, 10, 8, {"targets": 16},
+        teacher_model=teacher, teacher_params=jax.device_get(params), **{"kd_alpha": 0.6, "kd_temperature": 2.0, **kw})
 
 
 def _assert_same_step(a, b, rtol=1e-5, atol=2e-6):
@@ -126,7 +133,7 @@ def single_device_distill_step():
 
 def test_vocab_parallel_step_equals_unsharded(single_device_distill_step):
     t = _in_memory_student({"data": 2, "model": 4}, "tp")
-    assert t.vocab_parallel_axes == ("model", ("data", "fsdp"))
+    assert t.token_losses == vocab_parallel.VocabParallelTokenLosses(t.partitioner.mesh, "model", ("data", "fsdp"))
     batch = {k: jax.device_put(v, t.batch_sharding) for k, v in _batch().items()}
     with t.partitioner.context():
         hlo = t._jit_train_step.lower(t.init_state(), batch, t.teacher_params).compile().as_text()
@@ -140,28 +147,31 @@ def test_gradient_accumulation_matches_the_large_batch(single_device_distill_ste
     _assert_same_step(t.train_step(t.init_state(), _batch()), single_device_distill_step)
 
 
-def test_vocab_parallel_topk_kd_and_argmax_equal_unsharded():
-    mesh = partitioning.make_mesh({"data": 2, "model": 4})
-    rng = np.random.default_rng(0)
-    student = jnp.asarray(rng.normal(size=(4, 6, 64)) * 3, jnp.float32)
-    teacher = jnp.asarray(rng.normal(size=(4, 6, 64)) * 3, jnp.float32)
-    logprobs, ids = losses.topk_teacher_logprobs(teacher, 5)
-    expected = losses.kd_token_loss_from_topk(student, logprobs, ids, temperature=1.5)
-
-    def sharded(s):
-        return vocab_parallel.vocab_parallel_kd_token_loss_from_topk(
-            s, logprobs, ids, mesh=mesh, temperature=1.5, vocab_axis="model", batch_axes=("data",))
-
-    got = jax.jit(sharded)(student)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    grad = lambda f: jax.grad(lambda s: jnp.sum(f(s)))(student)  # noqa: E731
-    np.testing.assert_allclose(
-        grad(sharded),
-        grad(lambda s: losses.kd_token_loss_from_topk(s, logprobs, ids, temperature=1.5)), atol=1e-6)
-    tied = student.at[:, :, 40].set(student.max() + 1).at[:, :, 9].set(student.max() + 1)
-    np.testing.assert_array_equal(
-        vocab_parallel.vocab_parallel_argmax(tied, mesh=mesh, vocab_axis="model", batch_axes=("data",)),
-        jnp.argmax(tied, -1))
+@pytest.mark.parametrize("mesh,rules", [({"data": 1}, "dp"), ({"data": 2, "model": 4}, "tp")])
+def test_trainer_loss_is_losses_kd_loss(mesh, rules):
+    """What trains is what test_losses checks: the trainer's KD term over a batch equals losses.kd_loss on
+    the same logits (plain and vocabulary-parallel); alpha and T follow their schedules; z-loss stays
+    outside the alpha mix."""
+    schedules = dict(kd_alpha=optax.linear_schedule(1.0, 0.0, 10), kd_temperature=optax.linear_schedule(4.0, 1.0, 10))
+    t = _in_memory_student(mesh, rules, jax.devices()[:1] if rules == "dp" else None, kd_loss="jsd", kd_beta=0.3,
+                           **schedules)
+    assert isinstance(t.token_losses, vocab_parallel.VocabParallelTokenLosses) == (rules == "tp")
+    state = t.init_state()
+    batch = {k: jax.device_put(v, t.batch_sharding) for k, v in _batch().items()}
+    with t.partitioner.context():
+        _, sums = jax.jit(t.loss_fn)(state.params, batch, None, 1.0, t.teacher_params, 5)  # alpha 0.5, T 2.5
+        student = jax.jit(t.model.compute_logits)(state.params, batch)
+        teacher = jax.jit(t.teacher_model.compute_logits)(t.teacher_params, batch)
+    weights, targets = batch["decoder_loss_weights"], batch["decoder_target_tokens"]
+    kd = losses.kd_loss(student, teacher, weights, kind="jsd", temperature=2.5, beta=0.3)
+    np.testing.assert_allclose(sums["kd_loss_sum"] / sums["weight_sum"], kd, rtol=1e-5)
+    ce_and_z, z = losses.cross_entropy_with_logits(student, targets, z_loss=t.model.z_loss,
+                                                   label_smoothing=t.model.label_smoothing)
+    np.testing.assert_allclose(sums["ce_loss_sum"], jnp.sum((ce_and_z - z) * weights), rtol=1e-5)
+    np.testing.assert_allclose(sums["loss_sum"], 0.5 * sums["kd_loss_sum"] + 0.5 * sums["ce_loss_sum"]
+                               + sums["z_loss_sum"], rtol=1e-5)
+    np.testing.assert_allclose(sums["teacher_agreement_sum"],
+                               jnp.sum((student.argmax(-1) == teacher.argmax(-1)) * weights), rtol=1e-6)
 
 
 def test_on_policy_step_samples_from_the_student():
@@ -171,14 +181,48 @@ def test_on_policy_step_samples_from_the_student():
     assert float(metrics["weight_sum"]) == 8 * 12  # the sampled tokens only
     assert np.isfinite(float(metrics["loss_sum"])) and float(metrics["loss_sum"]) == pytest.approx(
         float(metrics["kd_loss_sum"]) + float(metrics["z_loss_sum"]), rel=1e-5)  # KD only on sampled rows
-    # The KV-cache sampler and the full-recompute sampler draw the same tokens from the same key.
+    # The sampler (the model's decode API over the KV cache) and a full-recompute sampler draw the same
+    # tokens from the same key.
     batch = jax.tree.map(jnp.asarray, _batch())
     kw = dict(prompt_length=4, temperature=1.0, eos_id=-1)
-    cached = distillation.sample_from_student(t.model, state.params, batch, jax.random.key(3), use_cache=True, **kw)
-    full = distillation.sample_from_student(t.model, state.params, batch, jax.random.key(3), use_cache=False, **kw)
-    np.testing.assert_array_equal(cached["decoder_target_tokens"], full["decoder_target_tokens"])
+    cached = distillation.sample_from_student(t.model, state.params, batch, jax.random.key(3), **kw)
+    full = _recompute_sampler(t.model, state.params, batch, jax.random.key(3), **kw)
+    np.testing.assert_array_equal(cached["decoder_target_tokens"][:, 4:], full)
     np.testing.assert_array_equal(cached["decoder_target_tokens"][:, :4], batch["decoder_target_tokens"][:, :4])
     np.testing.assert_array_equal(cached["decoder_input_tokens"][:, 1:], cached["decoder_target_tokens"][:, :-1])
+    # A LoRA student samples with its adapters, as its merged base model does.
+    from lmops_jax.peft import lora
+    adapted = lora.LoraModel(t.model, rank=2, alpha=4.0, targets=r".*/(q_proj|v_proj)")
+    params = nn.meta.unbox(adapted.init_params(jax.random.key(5), adapted.input_shapes(1, {"targets": 16})))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.full_like(x, 0.3) if "lora_b" in jax.tree_util.keystr(path) else x, params)
+    lora_sampled = distillation.sample_from_student(adapted, params, batch, jax.random.key(3), **kw)
+    merged = distillation.sample_from_student(t.model, adapted.merge(params), batch, jax.random.key(3), **kw)
+    base = distillation.sample_from_student(t.model, lora.base_params(params), batch, jax.random.key(3), **kw)
+    np.testing.assert_array_equal(lora_sampled["decoder_target_tokens"], merged["decoder_target_tokens"])
+    assert not np.array_equal(lora_sampled["decoder_target_tokens"], base["decoder_target_tokens"])
+
+
+def _recompute_sampler(model, params, batch, rng, *, prompt_length, temperature, eos_id):
+    """Reference for `sample_from_student`: each token recomputes the full forward pass over the row."""
+    from lmops_jax.inference import decoding
+    targets = batch["decoder_target_tokens"]
+
+    def logits_at(buffer, index):
+        inputs = jnp.pad(buffer, ((0, 0), (1, 0)))[:, :-1]
+        logits = model.compute_logits(params, {"decoder_input_tokens": inputs})
+        return jax.lax.dynamic_index_in_dim(logits, index, 1, keepdims=False)
+
+    def step(tokens, state):
+        buffer, index = state
+        buffer = jax.lax.dynamic_update_index_in_dim(buffer, tokens.astype(buffer.dtype), index, 1)
+        return logits_at(buffer, index + 1), (buffer, index + 1)
+
+    buffer = targets.at[:, prompt_length:].set(0)
+    out = decoding.generate(logits_at(buffer, prompt_length), (buffer, jnp.asarray(prompt_length)), step,
+                            max_new_tokens=targets.shape[1] - prompt_length, eos_id=eos_id, method="sample", rng=rng,
+                            temperature=temperature)
+    return out.tokens
 
 
 def test_offline_topk_with_full_vocabulary_equals_online_teacher(teacher_dir, tmp_path):

@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lmops_jax"
 ALLOWED = {
     "cli": set(),
     "partitioning": set(),
-    "checkpoints": set(),
+    "checkpoints": {"cli"},  # only its `inspect` command, through the runner (cli imports no lmops_jax)
     "losses": {"partitioning"},
     "models": {"losses", "partitioning", "checkpoints"},
     "data": {"partitioning"},
@@ -24,8 +24,9 @@ ALLOWED = {
     "distillation": {"models", "data", "inference", "training", "losses", "partitioning", "checkpoints", "cli"},
     "gin_configs": set(),
     # the `python -m lmops_jax.<job>` entry points
-    "train": {"training"},
-    "infer": {"inference"},
+    "train": {"training", "cli"},
+    # The job may register the built-in seqio tasks that `inference/` itself must not import.
+    "infer": {"inference", "data", "cli"},
 }
 NEVER_FROM_INFERENCE = {"training", "distillation", "data", "peft"}
 

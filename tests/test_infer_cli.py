@@ -45,12 +45,13 @@ def checkpoint(tmp_path_factory):
 
 def _run(checkpoint, out_dir, mode):
     try:
-        infer_lib.main(["--gin_file=gin_configs/runs/infer.gin", f"--gin.CHECKPOINT_PATH='{checkpoint}'",
-                        f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'", f"--gin.INFER_OUTPUT_DIR='{out_dir}'",
-                        f"--gin.MODE='{mode}'", "--gin.NUM_EXAMPLES=5", "--gin.BATCH_SIZE=2",
-                        "--gin.PROMPT_LENGTH=3", "--gin.MAX_NEW_TOKENS=4"])
+        code = infer_lib.main(["--gin_file=gin_configs/runs/infer.gin", f"--gin.CHECKPOINT_PATH='{checkpoint}'",
+                               f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'", f"--gin.INFER_OUTPUT_DIR='{out_dir}'",
+                               f"--gin.MODE='{mode}'", "--gin.NUM_EXAMPLES=5", "--gin.BATCH_SIZE=2",
+                               "--gin.PROMPT_LENGTH=3", "--gin.MAX_NEW_TOKENS=4"])
     finally:
         gin.clear_config()
+    assert code == 0
     records = [json.loads(line) for line in (out_dir / f"{mode}.jsonl").read_text().splitlines()]
     return records, json.loads((out_dir / "metrics.json").read_text())
 
@@ -74,8 +75,9 @@ def test_predict_and_score_write_jsonl_and_metrics(checkpoint, tmp_path):
 
 
 def test_missing_checkpoint_path_exits_2(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        infer_lib.main(["--gin_file=gin_configs/runs/infer.gin", f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'"])
-    gin.clear_config()
-    assert exit_info.value.code == 2
+    try:
+        code = infer_lib.main(["--gin_file=gin_configs/runs/infer.gin", f"--gin.MIXTURE_OR_TASK_NAME='{TASK}'"])
+    finally:
+        gin.clear_config()
+    assert code == 2
     assert "CHECKPOINT_PATH" in capsys.readouterr().err

@@ -141,3 +141,48 @@ def test_errors_name_their_cause(llama, tmp_path):
     checkpoints.save_params(str(tmp_path / "bare"), _params(LLAMA), "")
     with pytest.raises(checkpoints.CheckpointError, match="bare'? has no gin config"):
         InferenceModule.from_checkpoint(str(tmp_path / "bare"))
+
+
+def test_inference_has_no_model_family_branches():
+    """inference/ reaches models only through the BaseModel contract: no family classes, modules or flags."""
+    import ast
+    import pathlib
+    forbidden = {"DecoderOnlyModel", "EncoderDecoderModel", "is_encoder_decoder", "decoder_only", "encoder_decoder",
+                 "LlamaDecoder", "T5EncoderDecoder"}
+    package = pathlib.Path(__file__).resolve().parents[1] / "lmops_jax" / "inference"
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        names |= {a.name.split(".")[-1] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                  for a in n.names}
+        names |= {part for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+                  for part in n.module.split(".")}
+        assert not names & forbidden, f"{path.name} names {sorted(names & forbidden)}"
+
+
+def test_a_lora_model_generates_and_scores_like_its_merged_base():
+    """Any BaseModel runs through InferenceModule: LoRA decodes with its adapters through the model contract."""
+    from lmops_jax.peft import lora
+    adapted = lora.LoraModel(LLAMA, rank=2, alpha=4.0, targets=r".*/(q_proj|v_proj)")
+    params = jax.tree_util.tree_map_with_path(  # B starts at zero; make the adapters matter
+        lambda path, x: jax.numpy.full_like(x, 0.2) if "lora_b" in jax.tree_util.keystr(path) else x, _params(adapted))
+    module = InferenceModule(adapted, params, vocabulary=VOCAB)
+    merged = InferenceModule(LLAMA, adapted.merge(params), vocabulary=VOCAB)
+    out = module.generate(PROMPTS, max_new_tokens=5, eos_id=-1)
+    assert out.tokens == merged.generate(PROMPTS, max_new_tokens=5, eos_id=-1).tokens
+    base = InferenceModule(LLAMA, lora.base_params(params), vocabulary=VOCAB)
+    assert out.tokens != base.generate(PROMPTS, max_new_tokens=5, eos_id=-1).tokens
+    beams = module.generate(PROMPTS, method="beam", num_beams=2, max_new_tokens=3, eos_id=-1)
+    np.testing.assert_allclose(module.score(PROMPTS, beams.tokens), merged.score(PROMPTS, beams.tokens), atol=1e-4)
+    np.testing.assert_allclose(module.score(PROMPTS, beams.tokens), beams.log_probs, atol=1e-4)
+
+
+def test_encoder_decoder_score_reads_the_shifted_targets_and_text_inputs_end_with_eos(t5):
+    inputs, targets = ["ab", "hello"], [[5, 6, 7], [8]]
+    scores = t5.score(inputs, targets)
+    for x, y, s in zip(inputs, targets, scores):
+        log_probs = jax.nn.log_softmax(t5.logits([VOCAB.encode(x) + [1]], [[0] + y[:-1]])[0], axis=-1)
+        np.testing.assert_allclose(s, sum(float(log_probs[j, t]) for j, t in enumerate(y)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs decoder_tokens"):
+        t5.logits([[5, 6]])

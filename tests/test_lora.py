@@ -102,9 +102,11 @@ def test_lora_recipe_cli_saves_adapters_only_resumes_and_merges(tmp_path):
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(lora.adapter_params(final)),
                                                          jax.tree.leaves(jax.device_get(restored_adapters))))
-    # Merge the CLI run's adapters (step 3 now) into a plain checkpoint of the base model.
+    # Merge the CLI run's adapters (step 3 now) into a plain checkpoint of the base model, as a user runs it.
     out = tmp_path / "merged"
-    lora.export_merged(str(run), str(out))
+    merge = subprocess.run([sys.executable, "-m", "lmops_jax.peft.lora", "merge", str(run), str(out)], cwd=REPO,
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert merge.returncode == 0, merge.stdout[-3000:] + merge.stderr[-3000:]
     merged = checkpoints.restore_params(
         str(out), jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base),
         jax.tree.map(lambda x: jax.sharding.SingleDeviceSharding(jax.devices()[0]), base))

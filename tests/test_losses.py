@@ -1,4 +1,4 @@
-"""Knowledge-distillation losses against plain numpy formulas written with probabilities."""
+"""Knowledge-distillation losses (`TokenLosses`, `kd_loss`) against plain numpy formulas written with probabilities."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +8,7 @@ import pytest
 from lmops_jax import losses
 
 V = 11
+PLAIN = losses.TokenLosses()
 
 
 def _softmax(x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -43,7 +44,7 @@ def _logits(seed: int, shape=(2, 3, V), scale: float = 2.0, dtype=np.float32):
 def test_kd_loss_matches_reference(kind, temperature):
     s, t = _logits(0), _logits(1)
     want = _reference(s, t, kind, temperature, beta=0.3)
-    got_tokens = losses.kd_token_loss(s, t, kind=kind, temperature=temperature, beta=0.3)
+    got_tokens = PLAIN.kd(s, t, kind=kind, temperature=temperature, beta=0.3)
     np.testing.assert_allclose(got_tokens, want, rtol=1e-5, atol=1e-6)
     got = losses.kd_loss(s, t, kind=kind, temperature=temperature, beta=0.3)
     np.testing.assert_allclose(got, want.mean(), rtol=1e-5)
@@ -93,19 +94,19 @@ def test_jsd_beta_limits_and_symmetry():
     with jax.enable_x64(True):
         s, t = _logits(8, dtype=np.float64), _logits(9, dtype=np.float64)
         small = 1e-5
-        fwd = losses.kd_token_loss(s, t, kind="forward_kl")
-        rev = losses.kd_token_loss(s, t, kind="reverse_kl")
+        fwd = PLAIN.kd(s, t, kind="forward_kl")
+        rev = PLAIN.kd(s, t, kind="reverse_kl")
         # beta weights the teacher: the mixture tends to the student as beta -> 0 (forward KL) ...
-        np.testing.assert_allclose(losses.kd_token_loss(s, t, kind="jsd", beta=small) / small, fwd, rtol=1e-3)
+        np.testing.assert_allclose(PLAIN.kd(s, t, kind="jsd", beta=small) / small, fwd, rtol=1e-3)
         # ... and to the teacher as beta -> 1 (reverse KL).
-        np.testing.assert_allclose(losses.kd_token_loss(s, t, kind="jsd", beta=1 - small) / small, rev, rtol=1e-3)
+        np.testing.assert_allclose(PLAIN.kd(s, t, kind="jsd", beta=1 - small) / small, rev, rtol=1e-3)
         np.testing.assert_allclose(
-            losses.kd_token_loss(s, t, kind="jsd", beta=0.2),
-            losses.kd_token_loss(t, s, kind="jsd", beta=0.8),
+            PLAIN.kd(s, t, kind="jsd", beta=0.2),
+            PLAIN.kd(t, s, kind="jsd", beta=0.8),
             rtol=1e-10,
         )
         # The symmetric JSD is bounded by log 2.
-        assert float(jnp.max(losses.kd_token_loss(s, t, kind="jsd"))) <= np.log(2)
+        assert float(jnp.max(PLAIN.kd(s, t, kind="jsd"))) <= np.log(2)
 
 
 @pytest.mark.parametrize("kind", losses.KD_KINDS)
@@ -126,8 +127,8 @@ def test_zero_probabilities_give_no_nan(kind):
 def test_topk_with_full_vocab_equals_forward_kl(temperature):
     s, t = _logits(12), _logits(13)
     logprobs, ids = losses.topk_teacher_logprobs(t, V)
-    got = losses.kd_loss_from_topk(s, logprobs, ids, temperature=temperature)
-    np.testing.assert_allclose(got, losses.kd_loss(s, t, temperature=temperature), rtol=1e-5)
+    got = PLAIN.kd_from_topk(s, logprobs, ids, temperature=temperature)
+    np.testing.assert_allclose(got, PLAIN.kd(s, t, temperature=temperature), rtol=1e-5, atol=1e-6)
 
 
 def _topk_reference(student, teacher, k, temperature):
@@ -150,64 +151,39 @@ def test_topk_partial_vocab_is_a_proper_kl(temperature):
     weights = np.array([[1, 0, 1], [1, 1, 1]], np.float32)
     logprobs, ids = losses.topk_teacher_logprobs(t, 4)
     assert logprobs.shape == (2, 3, 4) and ids.dtype == jnp.int32
-    tokens = losses.kd_token_loss_from_topk(s, logprobs, ids, temperature=temperature)
+    tokens = PLAIN.kd_from_topk(s, logprobs, ids, temperature=temperature)
     np.testing.assert_allclose(tokens, _topk_reference(s, t, 4, temperature), rtol=1e-4, atol=1e-6)
     assert float(jnp.min(tokens)) >= 0.0
-    np.testing.assert_allclose(
-        losses.kd_loss_from_topk(s, logprobs, ids, weights, temperature=temperature),
-        (np.asarray(tokens) * weights).sum() / weights.sum(), rtol=1e-6,
-    )
     if temperature == 1.0:
         # Merging outcomes cannot increase a KL (data processing), and identical models score 0.
         assert np.all(np.asarray(tokens) <= _reference(s, t, "forward_kl") + 1e-6)
-        np.testing.assert_allclose(losses.kd_loss_from_topk(t, logprobs, ids), 0.0, atol=1e-6)
-    grad = jax.grad(lambda x: losses.kd_loss_from_topk(x, logprobs, ids, temperature=temperature))(s)
+        np.testing.assert_allclose(PLAIN.kd_from_topk(t, logprobs, ids), 0.0, atol=1e-6)
+    grad = jax.grad(lambda x: jnp.sum(PLAIN.kd_from_topk(x, logprobs, ids, temperature=temperature) * weights))(s)
     assert np.all(np.isfinite(grad))
+    assert not np.any(grad[weights == 0])  # masked tokens get no gradient
 
 
-def test_distillation_loss_limits_and_metrics():
-    s, t = _logits(16), _logits(17)
+def test_cross_entropy_label_smoothing_and_z_loss():
+    s = _logits(16)
     targets = np.random.default_rng(18).integers(0, V, size=(2, 3))
-    weights = np.array([[1, 1, 0], [1, 1, 1]], np.float32)
-    kd = losses.kd_loss(s, t, weights, kind="jsd", temperature=2.0)
-    ce_tokens, _ = losses.cross_entropy_with_logits(s, targets)
-    ce = (np.asarray(ce_tokens) * weights).sum() / weights.sum()
-
-    loss, metrics = losses.distillation_loss(s, t, targets, weights, alpha=1.0, kind="jsd", temperature=2.0)
-    np.testing.assert_allclose(loss, kd, rtol=1e-6)
-    loss, metrics = losses.distillation_loss(s, t, targets, weights, alpha=0.0, kind="jsd", temperature=2.0)
-    np.testing.assert_allclose(loss, ce, rtol=1e-6)
-    np.testing.assert_allclose(metrics["kd_loss"], kd, rtol=1e-6)
-    np.testing.assert_allclose(metrics["ce_loss"], ce, rtol=1e-6)
-    agree = (s.argmax(-1) == t.argmax(-1)).astype(np.float32)
-    np.testing.assert_allclose(metrics["teacher_agreement"], (agree * weights).sum() / weights.sum(), rtol=1e-6)
-
-    # z-loss stays outside the alpha mix; alpha=0 then reproduces the existing cross-entropy exactly.
-    with_z, z_tokens = losses.cross_entropy_with_logits(s, targets, z_loss=1e-2)
-    loss, metrics = losses.distillation_loss(s, t, targets, weights, alpha=0.0, z_loss=1e-2)
-    np.testing.assert_allclose(loss, (np.asarray(with_z) * weights).sum() / weights.sum(), rtol=1e-6)
-    loss_kd_only, _ = losses.distillation_loss(s, t, targets, weights, alpha=1.0, z_loss=1e-2)
-    np.testing.assert_allclose(loss_kd_only, losses.kd_loss(s, t, weights) + metrics["z_loss"], rtol=1e-6)
+    smoothing, z_coef = 0.1, 1e-2
+    loss, z_term = losses.cross_entropy_with_logits(s, targets, z_loss=z_coef, label_smoothing=smoothing)
+    log_p = np.log(_softmax(s))
+    smoothed = np.full(s.shape, smoothing / (V - 1))
+    np.put_along_axis(smoothed, targets[..., None], 1.0 - smoothing, axis=-1)
+    log_z = np.log(np.exp(np.asarray(s, np.float64)).sum(-1))
+    # Cross-entropy minus the smoothed target's own entropy (a perfect model scores 0), plus z-loss.
+    want = -(smoothed * log_p).sum(-1) + (smoothed * np.log(smoothed)).sum(-1) + z_coef * log_z**2
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    np.testing.assert_allclose(z_term, z_coef * log_z**2, rtol=1e-5)
+    np.testing.assert_array_equal(PLAIN.argmax(s), s.argmax(-1))
 
 
-def test_distillation_loss_schedules_and_teacher_is_frozen():
-    s, t = _logits(19), _logits(20)
-    targets = np.zeros((2, 3), np.int32)
-    alpha = optax.linear_schedule(1.0, 0.0, transition_steps=10)
-    temperature = optax.linear_schedule(4.0, 1.0, transition_steps=10)
-
-    @jax.jit
-    def step_loss(s, t, step):
-        return losses.distillation_loss(s, t, targets, None, alpha=alpha, temperature=temperature, step=step)
-
-    loss, metrics = step_loss(s, t, 5)
-    np.testing.assert_allclose(metrics["alpha"], 0.5)
-    np.testing.assert_allclose(metrics["temperature"], 2.5)
-    np.testing.assert_allclose(loss, 0.5 * metrics["kd_loss"] + 0.5 * metrics["ce_loss"], rtol=1e-6)
-    np.testing.assert_allclose(metrics["kd_loss"], losses.kd_loss(s, t, temperature=2.5), rtol=1e-5)
+def test_resolve_schedule():
     assert losses.resolve_schedule(0.3, None) == 0.3
-    teacher_grad = jax.grad(lambda t: step_loss(s, t, 0)[0])(t)
-    assert float(jnp.abs(teacher_grad).max()) == 0.0
+    assert float(losses.resolve_schedule(optax.linear_schedule(1.0, 0.0, transition_steps=10), 5)) == 0.5
+    with pytest.raises(ValueError, match="step is required"):
+        losses.resolve_schedule(optax.constant_schedule(0.5), None)
 
 
 def test_bad_input_raises():
@@ -222,12 +198,12 @@ def test_bad_input_raises():
         losses.kd_loss(s, t, temperature=0.0)
     with pytest.raises(ValueError, match="weights shape"):
         losses.kd_loss(s, t, np.ones((2,)))
-    with pytest.raises(ValueError, match="step is required"):
-        losses.distillation_loss(s, t, np.zeros((2, 3), np.int32), None, alpha=optax.constant_schedule(0.5))
-    with pytest.raises(ValueError, match="alpha"):
-        losses.distillation_loss(s, t, np.zeros((2, 3), np.int32), None, alpha=1.5)
+    with pytest.raises(ValueError, match="targets shape"):
+        losses.cross_entropy_with_logits(s, np.zeros((2, 2), np.int32))
     with pytest.raises(ValueError, match="k must be"):
         losses.topk_teacher_logprobs(t, V + 1)
     logprobs, ids = losses.topk_teacher_logprobs(t, 3)
     with pytest.raises(ValueError, match="teacher_topk_ids shape"):
-        losses.kd_loss_from_topk(s, logprobs, ids[..., :2])
+        PLAIN.kd_from_topk(s, logprobs, ids[..., :2])
+    with pytest.raises(ValueError, match="leading shape"):
+        PLAIN.kd_from_topk(s[:1], logprobs, ids)

@@ -7,13 +7,14 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 
 from lmops_jax import checkpoints, partitioning
 from lmops_jax.training import optimizers
 from lmops_jax.training import trainer
-from tests.helpers import tiny_llama
+from tests.helpers import model_gin, tiny_llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--gin_file=gin_configs/models/llama_tiny.gin", "--gin_file=gin_configs/runs/pretrain.gin",
@@ -68,11 +69,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _two_processes(model_dir, steps, flags):
+def _two_processes(cmd):
+    """Runs `cmd` (a gin job) as processes 0 and 1 of one jax.distributed job with 2 CPU devices each."""
     port = _free_port()
     procs = [subprocess.Popen(
-        _cmd(model_dir, steps, *flags, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-             f"--process_id={i}", "--cpu_collectives=gloo"),
+        [*cmd, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+         "--cpu_collectives=gloo"],
         cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):
@@ -92,9 +94,9 @@ def test_two_processes_checkpoint_resume_and_match_single_process(tmp_path):
              "--gin.LOG_PERIOD=1", "--gin.CHECKPOINT_PERIOD=2", "--gin.EVAL_PERIOD=0",
              ]
     multi = str(tmp_path / "multi")
-    _two_processes(multi, 2, flags)
+    _two_processes(_cmd(multi, 2, *flags))
     assert checkpoints.Checkpointer(multi).all_steps() == [2]
-    outs = _two_processes(multi, 4, flags)  # both restart and resume from step 2
+    outs = _two_processes(_cmd(multi, 4, *flags))  # both restart and resume from step 2
     assert all("resumed from step 2" in out for out in outs)
     assert checkpoints.Checkpointer(multi).all_steps() == [2, 4]
     assert _steps_logged(multi) == [1, 2, 3, 4]  # only process 0 writes metrics
@@ -105,3 +107,36 @@ def test_two_processes_checkpoint_resume_and_match_single_process(tmp_path):
     for a, b in zip(jax.tree.leaves(_final_params(multi)), jax.tree.leaves(_final_params(single))):
         # Rows reach devices in another order, so sums differ in the last bits; Adam amplifies them a little.
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_dump_topk_runs_as_one_job_over_two_processes(tmp_path):
+    """`python -m lmops_jax.distillation dump_topk` with the distributed flags joins both processes, and
+    their store holds the rows of a one-process dump of the same stream (rows reach devices in another
+    order, so compare them sorted)."""
+    from lmops_jax.data import tasks  # noqa: F401  registers synthetic_lm for the in-process dump
+    from lmops_jax.distillation import topk_store
+
+    teacher = tiny_llama(vocab_size=512)
+    shapes = teacher.input_shapes(1, {"targets": 16})
+    params = jax.device_get(nn.meta.unbox(teacher.init_params(jax.random.key(7), shapes)))
+    teacher_dir = str(tmp_path / "teacher")
+    checkpoints.save_params(teacher_dir, params, model_gin(teacher))
+    store = str(tmp_path / "topk")
+    outs = _two_processes([
+        sys.executable, "-m", "lmops_jax.distillation", "dump_topk", "--gin_file=gin_configs/models/llama_tiny.gin",
+        "--gin_file=gin_configs/runs/distill.gin", f"--gin.MODEL_DIR='{tmp_path / 'student'}'",
+        f"--gin.TEACHER_CHECKPOINT='{teacher_dir}'", f"--gin.KD_TOPK_DIR='{store}'", "--gin.KD_TOPK=4",
+        "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=8", "--gin.TASK_FEATURE_LENGTHS={'targets': 16}"])
+    for i, out in enumerate(outs):
+        assert f"jax.distributed: process {i} of 2, 4 devices" in out, out[-3000:]
+    single = topk_store.dump_teacher_topk(
+        teacher_checkpoint=teacher_dir, output_dir=str(tmp_path / "single"), mixture_or_task_name="synthetic_lm",
+        task_feature_lengths={"targets": 16}, batch_size=8, num_batches=2, k=4,
+        partitioner=partitioning.Partitioner({"data": 1}, devices=jax.devices()[:1]))
+    multi, one = topk_store.TopKStore(store), topk_store.TopKStore(single)
+    assert multi.num_batches == 2
+    for index in range(2):
+        a, b = multi.batch(index), one.batch(index)
+        order_a, order_b = np.lexsort(a["targets"].T[::-1]), np.lexsort(b["targets"].T[::-1])
+        np.testing.assert_array_equal(a["targets"][order_a], b["targets"][order_b])
+        np.testing.assert_allclose(a["logprobs"][order_a], b["logprobs"][order_b], atol=1e-5)

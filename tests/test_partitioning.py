@@ -7,7 +7,7 @@ from lmops_jax import partitioning
 
 
 def test_mesh_fills_minus_one_and_missing_standard_axes():
-    p = partitioning.Partitioner({"data": -1, "model": 2})
+    p = partitioning.Partitioner({"data": -1, "model": 2}, "tp")
     assert p.axis_sizes == {"data": 4, "model": 2, "fsdp": 1}
     assert p.batch_size_divisor == 4
 
@@ -26,6 +26,21 @@ def test_bad_mesh_names_shape_and_device_count(shape, message):
 def test_rule_with_unknown_mesh_axis_is_named():
     with pytest.raises(ValueError, match="names mesh axis 'tensor'.*mesh has axes"):
         partitioning.Partitioner({"data": -1}, [("batch", "data"), ("mlp", "tensor")])
+
+
+def test_misspelt_mesh_axis_is_named():
+    with pytest.raises(ValueError, match="axis 'dat' is not a known mesh axis.*check its spelling"):
+        partitioning.Partitioner({"dat": -1})
+    with pytest.raises(ValueError, match="axis 'dat' is not a known mesh axis"):
+        partitioning.Partitioner({"dat": 1, "data": -1})
+
+
+def test_mesh_axis_no_rule_uses_is_named():
+    with pytest.raises(ValueError, match="axis 'model' has size 2 but no logical axis rule uses it"):
+        partitioning.Partitioner({"data": -1, "model": 2}, "dp")
+    # a custom axis is fine when a rule names it, and unused standard axes of size 1 are fine
+    p = partitioning.Partitioner({"replica": -1, "model": 1}, [("batch", "replica")])
+    assert p.batch_size_divisor == 8
 
 
 def test_unknown_preset_is_named():

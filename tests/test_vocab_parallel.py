@@ -1,4 +1,4 @@
-"""Vocabulary-parallel losses equal the unsharded ones and never all-gather the vocabulary."""
+"""VocabParallelTokenLosses equals the plain TokenLosses and never all-gathers the vocabulary."""
 import re
 
 import jax
@@ -11,11 +11,21 @@ from lmops_jax import losses
 from lmops_jax.losses import vocab_parallel
 
 B, L, V = 4, 3, 32
+PLAIN = losses.TokenLosses()
 
 
 @pytest.fixture(scope="module")
 def mesh():
     return Mesh(np.array(jax.devices()[:8]).reshape(2, 1, 4), ("data", "fsdp", "model"))
+
+
+@pytest.fixture(scope="module")
+def sharded_losses(mesh):
+    return vocab_parallel.VocabParallelTokenLosses(mesh)
+
+
+def _weighted_sum(tokens, weights):
+    return jnp.sum(tokens * weights)
 
 
 def _inputs(seed: int):
@@ -32,38 +42,31 @@ def _close(a, b, tol=2e-5):
 
 
 @pytest.mark.parametrize("z_loss,label_smoothing", [(0.0, 0.0), (1e-2, 0.1)])
-def test_cross_entropy_matches_unsharded(mesh, z_loss, label_smoothing):
+def test_cross_entropy_matches_unsharded(sharded_losses, z_loss, label_smoothing):
     student, _, targets, weights = _inputs(0)
-    loss, z_term = vocab_parallel.vocab_parallel_cross_entropy(
-        student, targets, mesh=mesh, z_loss=z_loss, label_smoothing=label_smoothing
-    )
-    want_loss, want_z = losses.cross_entropy_with_logits(
-        student, targets, z_loss=z_loss, label_smoothing=label_smoothing
-    )
+    kwargs = dict(z_loss=z_loss, label_smoothing=label_smoothing)
+    loss, z_term = sharded_losses.cross_entropy(student, targets, **kwargs)
+    want_loss, want_z = losses.cross_entropy_with_logits(student, targets, **kwargs)
     _close(loss, want_loss)
     _close(z_term, want_z)
 
     def sharded(x):
-        tokens, _ = vocab_parallel.vocab_parallel_cross_entropy(
-            x, targets, weights, mesh=mesh, z_loss=z_loss, label_smoothing=label_smoothing
-        )
-        return jnp.sum(tokens)
+        return _weighted_sum(sharded_losses.cross_entropy(x, targets, **kwargs)[0], weights)
 
     def unsharded(x):
-        tokens, _ = losses.cross_entropy_with_logits(x, targets, z_loss=z_loss, label_smoothing=label_smoothing)
-        return jnp.sum(tokens * weights)
+        return _weighted_sum(PLAIN.cross_entropy(x, targets, **kwargs)[0], weights)
 
     _close(jax.jit(sharded)(student), unsharded(student))
     _close(jax.jit(jax.grad(sharded))(student), jax.grad(unsharded)(student))
 
 
 @pytest.mark.parametrize("kind", losses.KD_KINDS)
-def test_kd_matches_unsharded(mesh, kind):
+def test_kd_matches_unsharded(sharded_losses, kind):
     student, teacher, _, weights = _inputs(1)
     kwargs = dict(kind=kind, temperature=1.5, beta=0.3)
 
     def sharded(s, t):
-        return vocab_parallel.vocab_parallel_kd_loss(s, t, weights, mesh=mesh, **kwargs)
+        return _weighted_sum(sharded_losses.kd(s, t, **kwargs), weights) / weights.sum()
 
     def unsharded(s, t):
         return losses.kd_loss(s, t, weights, **kwargs)
@@ -76,17 +79,18 @@ def test_kd_matches_unsharded(mesh, kind):
         _close(g, w, tol=1e-6)
 
 
-def test_traced_temperature_and_other_layouts(mesh):
+def test_traced_temperature_and_other_layouts(mesh, sharded_losses):
     student, teacher, targets, _ = _inputs(2)
     # Temperature from a schedule is a traced value under jit.
-    f = jax.jit(lambda s, t, temp: vocab_parallel.vocab_parallel_kd_loss(s, t, mesh=mesh, temperature=temp))
-    _close(f(student, teacher, 3.0), losses.kd_loss(student, teacher, temperature=3.0))
+    f = jax.jit(lambda s, t, temp: sharded_losses.kd(s, t, temperature=temp))
+    _close(f(student, teacher, 3.0), PLAIN.kd(student, teacher, temperature=3.0))
     # Flattened tokens [N, V], and a replicated batch.
     flat_s, flat_t = student.reshape(-1, V), teacher.reshape(-1, V)
-    token_loss = vocab_parallel.vocab_parallel_kd_token_loss(flat_s, flat_t, mesh=mesh, kind="jsd", batch_axes=None)
-    _close(token_loss, losses.kd_token_loss(flat_s, flat_t, kind="jsd"))
-    loss, _ = vocab_parallel.vocab_parallel_cross_entropy(flat_s, targets.reshape(-1), mesh=mesh, batch_axes="data")
-    _close(loss, losses.cross_entropy_with_logits(flat_s, targets.reshape(-1))[0])
+    replicated = vocab_parallel.VocabParallelTokenLosses(mesh, batch_axes=None)
+    _close(replicated.kd(flat_s, flat_t, kind="jsd"), PLAIN.kd(flat_s, flat_t, kind="jsd"))
+    by_data = vocab_parallel.VocabParallelTokenLosses(mesh, batch_axes="data")
+    loss, _ = by_data.cross_entropy(flat_s, targets.reshape(-1))
+    _close(loss, PLAIN.cross_entropy(flat_s, targets.reshape(-1))[0])
 
 
 def _full_vocab_all_gathers(hlo: str) -> list[str]:
@@ -103,15 +107,15 @@ def _full_vocab_all_gathers(hlo: str) -> list[str]:
     return found
 
 
-def test_no_full_vocab_all_gather_in_compiled_hlo(mesh):
+def test_no_full_vocab_all_gather_in_compiled_hlo(mesh, sharded_losses):
     student, teacher, targets, weights = _inputs(3)
-    sharding = vocab_parallel.logits_sharding(mesh, student.shape)
+    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None, "model"))
     s, t = jax.device_put(student, sharding), jax.device_put(teacher, sharding)
 
     def step(s, t):
-        kd = vocab_parallel.vocab_parallel_kd_loss(s, t, weights, mesh=mesh, kind="jsd", temperature=2.0)
-        ce, _ = vocab_parallel.vocab_parallel_cross_entropy(s, targets, weights, mesh=mesh, z_loss=1e-3)
-        return kd + jnp.sum(ce)
+        kd = sharded_losses.kd(s, t, kind="jsd", temperature=2.0)
+        ce, _ = sharded_losses.cross_entropy(s, targets, z_loss=1e-3)
+        return _weighted_sum(kd + ce, weights)
 
     hlo = jax.jit(jax.value_and_grad(step)).lower(s, t).compile().as_text()
     assert "all-reduce" in hlo  # the collectives are there ...
@@ -123,17 +127,40 @@ def test_no_full_vocab_all_gather_in_compiled_hlo(mesh):
     assert _full_vocab_all_gathers(gathered)
 
 
-def test_bad_input_raises(mesh):
+def test_bad_input_raises(mesh, sharded_losses):
     student, teacher, targets, _ = _inputs(4)
     with pytest.raises(ValueError, match="not divisible by mesh axis 'model'"):
-        vocab_parallel.vocab_parallel_kd_loss(student[..., :30], teacher[..., :30], mesh=mesh)
+        sharded_losses.kd(student[..., :30], teacher[..., :30])
     with pytest.raises(ValueError, match="vocab sizes of teacher and student logits differ"):
-        vocab_parallel.vocab_parallel_kd_loss(student, teacher[..., :28], mesh=mesh)
+        sharded_losses.kd(student, teacher[..., :28])
     with pytest.raises(ValueError, match="unknown kind"):
-        vocab_parallel.vocab_parallel_kd_loss(student, teacher, mesh=mesh, kind="tvd")
+        sharded_losses.kd(student, teacher, kind="tvd")
     with pytest.raises(ValueError, match="vocab_axis 'tensor'"):
-        vocab_parallel.vocab_parallel_cross_entropy(student, targets, mesh=mesh, vocab_axis="tensor")
+        vocab_parallel.VocabParallelTokenLosses(mesh, vocab_axis="tensor")
+    with pytest.raises(ValueError, match="cannot also be one of batch_axes"):
+        vocab_parallel.VocabParallelTokenLosses(mesh, batch_axes=("data", "model"))
     with pytest.raises(ValueError, match="batch size 3"):
-        vocab_parallel.vocab_parallel_cross_entropy(student[:3], targets[:3], mesh=mesh)
+        sharded_losses.cross_entropy(student[:3], targets[:3])
     with pytest.raises(ValueError, match="targets shape"):
-        vocab_parallel.vocab_parallel_cross_entropy(student, targets[:, :2], mesh=mesh)
+        sharded_losses.cross_entropy(student, targets[:, :2])
+
+
+def test_topk_kd_and_argmax_match_unsharded(mesh, sharded_losses):
+    rng = np.random.default_rng(5)
+    student = jnp.asarray(rng.normal(size=(B, L, V)) * 3, jnp.float32)
+    teacher = jnp.asarray(rng.normal(size=(B, L, V)) * 3, jnp.float32)
+    logprobs, ids = losses.topk_teacher_logprobs(teacher, 5)
+
+    def total(token_losses):
+        return lambda s: jnp.sum(token_losses.kd_from_topk(s, logprobs, ids, temperature=1.5))
+
+    _close(sharded_losses.kd_from_topk(student, logprobs, ids, temperature=1.5),
+           PLAIN.kd_from_topk(student, logprobs, ids, temperature=1.5))
+    _close(jax.jit(jax.grad(total(sharded_losses)))(student), jax.grad(total(PLAIN))(student), tol=1e-6)
+    # k = V: no tail bucket, and k exceeds each shard's V / 4 entries.
+    full_logprobs, full_ids = losses.topk_teacher_logprobs(teacher, V)
+    _close(sharded_losses.kd_from_topk(student, full_logprobs, full_ids), PLAIN.kd(student, teacher))
+    # Ties across shards go to the lowest id, as jnp.argmax.
+    tied = student.at[:, :, 20].set(student.max() + 1).at[:, :, 9].set(student.max() + 1)
+    np.testing.assert_array_equal(sharded_losses.argmax(tied), jnp.argmax(tied, -1))
+    np.testing.assert_array_equal(PLAIN.argmax(tied), jnp.argmax(tied, -1))

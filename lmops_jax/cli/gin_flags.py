@@ -21,39 +21,36 @@ class GinConfigError(ValueError):
     """A gin file or binding that cannot be used; the message names it."""
 
 
-def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
-    """Splits argv into gin files, bindings and search paths (other flags are rejected by name)."""
-    parser = argparse.ArgumentParser(allow_abbrev=False)
-    parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-    parser.add_argument("--gin_search_paths", default="", help="comma-separated folders for gin files/includes")
-    parser.add_argument("--multihost", action="store_true", help="jax.distributed.initialize() with auto-detection")
-    parser.add_argument("--coordinator_address", default=None, help="host:port of process 0")
-    parser.add_argument("--num_processes", type=int, default=None)
-    parser.add_argument("--process_id", type=int, default=None)
-    parser.add_argument("--cpu_collectives", default=None, help="e.g. 'gloo' for multi-process CPU runs")
-    args, rest = parser.parse_known_args(list(argv))
-    bindings, unknown = [], []
-    for arg in rest:
-        if arg.startswith("--gin."):
-            if "=" not in arg:
-                raise GinConfigError(f"flag {arg!r} must look like --gin.NAME=VALUE")
-            name, value = arg[len("--gin."):].split("=", 1)
-            bindings.append(f"{name} = {value}")
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """Declares --gin_file and --gin_search_paths; --gin.NAME=VALUE (see `bindings_from_flags`) shows in --help."""
+    group = parser.add_argument_group(
+        "gin", "--gin.NAME=VALUE      a gin binding after the files, e.g. --gin.TRAIN_STEPS=100 or\n"
+               "                      --gin.MODEL_DIR=\"'/tmp/run'\" (repeatable)")
+    group.add_argument("--gin_file", action="append", default=[],
+                       help="gin file (repeatable); gin_configs/... resolves to the installed configs")
+    group.add_argument("--gin_search_paths", default="", help="comma-separated folders for gin files and includes")
+
+
+def bindings_from_flags(flags: Sequence[str]) -> list[str]:
+    """The gin bindings of `--gin.NAME=VALUE` flags; any other flag is an error naming it."""
+    found, unknown = [], []
+    for flag in flags:
+        if flag.startswith("--gin."):
+            if "=" not in flag:
+                raise GinConfigError(f"flag {flag!r} must look like --gin.NAME=VALUE")
+            name, value = flag[len("--gin."):].split("=", 1)
+            found.append(f"{name} = {value}")
         else:
-            unknown.append(arg)
+            unknown.append(flag)
     if unknown:
         raise GinConfigError(f"unknown flags {unknown}; use --gin_file=..., --gin.NAME=VALUE, --gin_search_paths=...")
-    args.gin_bindings = bindings
-    return args
+    return found
 
 
 def _resolve_file(path: str, search_paths: Sequence[str]) -> str:
-    if os.path.exists(path):
-        return path
-    for folder in search_paths:
-        candidate = os.path.join(folder, path)
+    for candidate in [path] + [os.path.join(folder, path) for folder in search_paths]:
         if os.path.exists(candidate):
-            return candidate
+            return os.path.abspath(candidate)
     raise GinConfigError(f"gin file {path!r} not found (searched: {', '.join(search_paths)})")
 
 
@@ -66,8 +63,9 @@ def missing_required_macros() -> list[str]:
     return sorted(missing)
 
 
-def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()) -> None:
-    """Parses files then bindings; errors name the offending file, binding or macro."""
+def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()) -> list[str]:
+    """Parses files then bindings and returns the files' resolved paths; errors name the offending file,
+    binding or macro."""
     candidates = [p for p in search_paths if p] + [os.getcwd(), os.path.dirname(PACKAGE_CONFIG_DIR),
                                                    PACKAGE_CONFIG_DIR]
     search_paths = list(dict.fromkeys(os.path.abspath(p) for p in candidates))
@@ -91,6 +89,7 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], search_paths: Seque
             "required gin macros are not set: " + ", ".join(missing)
             + " (set them in a gin file or with --gin.NAME=VALUE)")
     gin.finalize()
+    return files
 
 
 def is_required_sentinel(value: object) -> bool:

@@ -3,8 +3,9 @@
     python -m lmops_jax.convert from_hf --hf_dir=DIR --out_dir=DIR [--dtype=float32|bfloat16]
     python -m lmops_jax.convert to_hf --checkpoint=DIR --out_dir=DIR [--max_shard_gb=5]
 
-Import writes a params-only Orbax checkpoint (`checkpoints.save_params`) whose stored gin config builds
-the model, plus the same text as `out_dir/model.gin`. Only `*.safetensors` files are read (sharded ones
+Import writes a params-only Orbax checkpoint (`checkpoints.save_params`) whose stored model spec
+(`models.spec`) rebuilds the model, with gin text that builds it too, also written as `out_dir/model.gin`
+(for fine-tuning configs). Only `*.safetensors` files are read (sharded ones
 through their index); pickled PyTorch files are never loaded. A config the models cannot represent
 exactly is refused naming the field; missing, misshapen and unexpected tensors are listed by name.
 Without `dtype` the params keep the stored dtype (so a bfloat16 model round-trips bit for bit); a
@@ -25,13 +26,14 @@ import numpy as np
 from lmops_jax import checkpoints
 from lmops_jax.convert import hf_llama, hf_t5, safetensors_io
 from lmops_jax.convert.mapping import ConversionError, Entry, ImportSpec, hf_shape, to_hf, to_ours
-from lmops_jax.models import decoder_only, encoder_decoder
+from lmops_jax.models import decoder_only, encoder_decoder, loading
 from lmops_jax.models import model as model_lib
+from lmops_jax.models.spec import ModelSpec
 
 __all__ = ["ConversionError", "Entry", "model_from_hf_config", "hf_to_params", "params_to_hf", "gin_config",
            "load_checkpoint", "import_hf", "export_hf"]
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = loading.DTYPES
 _ARCH_MODULES = (hf_llama, hf_t5)
 _IMPORTERS = {arch: module for module in _ARCH_MODULES for arch in module.ARCHITECTURES}
 
@@ -80,18 +82,9 @@ def read_hf_config(hf_dir: str) -> dict:
         raise ConversionError(f"{path} is not valid JSON: {e}") from e
 
 
-def _with_dtype(model: model_lib.BaseModel, dtype: str) -> model_lib.BaseModel:
-    config = dataclasses.replace(model.config, dtype=dtype, param_dtype=dtype)
-    return dataclasses.replace(model, config=config)
-
-
 def _expected_shapes(model: model_lib.BaseModel) -> dict[str, tuple[int, ...]]:
     """{our param path: shape} of `model`, from abstract initialization (no arrays are made)."""
-    import flax.linen as nn
-    import jax
-
-    shapes = model.input_shapes(1, {"inputs": 8, "targets": 8})
-    abstract = nn.meta.unbox(jax.eval_shape(lambda: model.init_params(jax.random.key(0), shapes)))
+    abstract, _ = loading.param_shardings(model, loading.default_partitioner())
     return {name: tuple(s.shape) for name, s in checkpoints.flatten(abstract).items()}
 
 
@@ -159,7 +152,7 @@ def hf_to_params(hf_dir: str) -> tuple[model_lib.BaseModel, dict]:
     dtypes = {v.dtype.name for v in values.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in DTYPES else "float32"
     values = {k: v if v.dtype.name == dtype else v.astype(np.float32) for k, v in values.items()}
-    return _with_dtype(spec.model, dtype), checkpoints.unflatten(values)
+    return loading.with_dtype(spec.model, dtype), checkpoints.unflatten(values)
 
 
 def params_to_hf(model: model_lib.BaseModel, params: Mapping[str, Any]) -> tuple[dict, dict[str, np.ndarray]]:
@@ -186,9 +179,9 @@ def params_to_hf(model: model_lib.BaseModel, params: Mapping[str, Any]) -> tuple
 
 
 def gin_config(model: model_lib.BaseModel, source: str | None = None) -> str:
-    """Gin text whose MODEL macro rebuilds `model`, in the format of gin_configs/models/*.gin (what a
-    checkpoint of a model built in Python stores, so that `InferenceModule.from_checkpoint` and a
-    distillation teacher can rebuild it).
+    """Gin text whose MODEL macro rebuilds `model`, in the format of gin_configs/models/*.gin: the
+    human-readable config of an imported checkpoint, which fine-tuning runs can include (loading
+    itself reads the checkpoint's model spec).
 
     Compute and param dtypes go through the COMPUTE_DTYPE / PARAM_DTYPE macros, so `--gin.PARAM_DTYPE`
     overrides them as for the hand-written model configs.
@@ -210,21 +203,16 @@ def gin_config(model: model_lib.BaseModel, source: str | None = None) -> str:
 
 
 def load_checkpoint(checkpoint_path: str) -> tuple[model_lib.BaseModel, dict]:
-    """(model from the stored gin config's MODEL macro, params as host numpy arrays) of a checkpoint.
+    """(model from the checkpoint's model spec, params as host numpy arrays) of a checkpoint.
 
-    Params are restored with `checkpoints.restore_params` onto one device (replicated), in the model's
-    param dtype; a train-state checkpoint works too (its optimizer state is ignored).
+    Params are restored onto one device (replicated), in the model's param dtype; a train-state
+    checkpoint works too (its optimizer state is ignored).
     """
     import jax
 
-    from lmops_jax import partitioning
-    from lmops_jax.inference import inference_module as inference
-
-    model, _ = inference.model_from_checkpoint(checkpoint_path, "it cannot be exported")
+    model = loading.model_from_checkpoint(checkpoint_path)
     _arch_module(model)
-    part = partitioning.Partitioner({"data": 1}, devices=jax.devices()[:1])
-    abstract, shardings = inference.param_shardings(model, part)
-    params = checkpoints.restore_params(checkpoint_path, abstract, shardings)
+    params = loading.restore_params(checkpoint_path, model, loading.default_partitioner())
     return model, jax.tree.map(np.asarray, jax.device_get(params))
 
 
@@ -238,8 +226,6 @@ def import_hf(hf_dir: str, out_dir: str, dtype: str | None = None) -> str:
 
     Returns the checkpoint step directory.
     """
-    from lmops_jax.inference import inference_module as inference
-
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"dtype must be None or one of {DTYPES}, got {dtype!r}")
     existing = os.path.join(out_dir, checkpoints.CHECKPOINTS_SUBDIR)
@@ -247,17 +233,17 @@ def import_hf(hf_dir: str, out_dir: str, dtype: str | None = None) -> str:
         raise ConversionError(f"{out_dir} already holds checkpoints: import into an empty directory")
     model, params = hf_to_params(hf_dir)
     if dtype is not None and dtype != model.config.param_dtype:
-        model = _with_dtype(model, dtype)
+        model = loading.with_dtype(model, dtype)
         params = checkpoints.unflatten({k: v.astype(_np_dtype(dtype)) for k, v in checkpoints.flatten(params).items()})
     arch = _architecture(read_hf_config(hf_dir))
     text = gin_config(model, f"{arch} in {os.path.abspath(hf_dir)}")
-    rebuilt, _ = inference.model_from_gin(text, "the generated model.gin")
+    rebuilt = loading.spec_from_gin(text, "the generated model.gin").model
     if rebuilt != model:  # the text must rebuild the model exactly, or later loads would differ
         raise ConversionError(f"generated gin config rebuilds {rebuilt}, not {model}")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "model.gin"), "w", encoding="utf-8") as f:
         f.write(text)
-    return checkpoints.save_params(out_dir, params, text)
+    return checkpoints.save_params(out_dir, params, text, model_spec=ModelSpec(model).to_json())
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -269,7 +255,8 @@ def export_hf(checkpoint_path: str, out_dir: str,
               max_shard_bytes: int = safetensors_io.DEFAULT_MAX_SHARD_BYTES) -> list[str]:
     """Writes config.json + safetensors weights (sharded above `max_shard_bytes`) for a checkpoint.
 
-    The checkpoint's stored gin config names the model; returns the written paths.
+    The checkpoint's model spec (or, for older checkpoints, its gin config) names the model; returns the
+    written paths.
     """
     model, params = load_checkpoint(checkpoint_path)
     config, tensors = params_to_hf(model, params)

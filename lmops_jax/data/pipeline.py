@@ -75,6 +75,29 @@ def get_dataset(
     return ds.with_options(options)
 
 
+def batch_stream(
+    mixture_or_task_name: str,
+    task_feature_lengths: Mapping[str, int],
+    feature_converter: seqio.FeatureConverter,
+    *,
+    global_batch_size: int,
+    sharding: Sharding | Mapping[str, Sharding],
+    split: str = "train",
+    shuffle: bool = True,
+    seed: int | None = 0,
+) -> GlobalBatchIterator:
+    """A run's batches as global arrays, resumable (`get_state` / `set_state`).
+
+    The one definition of a run's stream: `train()` reads it and the offline teacher top-k store
+    (`distillation.topk_store`) replays it, so stored batch i is exactly the batch of train step i + 1
+    for the same task, lengths, converter (packing), batch size and seed.
+    """
+    lengths = {name: int(length) for name, length in task_feature_lengths.items()}
+    return GlobalBatchIterator(lambda: get_dataset(
+        mixture_or_task_name, lengths, feature_converter, global_batch_size=global_batch_size, split=split,
+        shuffle=shuffle, seed=seed), sharding)
+
+
 class GlobalBatchIterator:
     """Iterates per-process numpy batches as dicts of global `jax.Array`s, and records its position.
 

@@ -8,9 +8,12 @@
   the same string reversed, which a small T5 learns quickly.
 
 All tasks default to `seqio.ByteVocabulary()` (no file needed; token id = byte + 3, with pad=0, eos=1,
-unk=2); every register function takes an optional `vocabulary`, e.g. `sentencepiece_vocabulary(path)`
-for a model trained with `scripts/train_sentencepiece.py`. The register functions are plain functions,
-so gin binds them (`from __gin__ import dynamic_registration`) and calls them to re-register a task.
+unk=2); every register function takes an optional `vocabulary` (see `vocabulary_from`): a seqio
+vocabulary, e.g. `sentencepiece_vocabulary(path)` for a model trained with
+`scripts/train_sentencepiece.py`, or a path (gin macro VOCABULARY of `text_lm`): a SentencePiece
+`*.model` file, or a Hugging Face `tokenizer.json` or model directory (`hf_tokenizer.HFTokenizerVocabulary`).
+The register functions are plain functions, so gin binds them (`from __gin__ import
+dynamic_registration`) and calls them to re-register a task.
 """
 from __future__ import annotations
 
@@ -50,6 +53,24 @@ def sentencepiece_vocabulary(path: str, extra_ids: int = 0) -> seqio.SentencePie
     if not isinstance(path, str) or not tf.io.gfile.exists(path):
         raise FileNotFoundError(f"SentencePiece model file {path!r} does not exist")
     return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+
+
+def vocabulary_from(vocabulary: seqio.Vocabulary | str | None) -> seqio.Vocabulary:
+    """The vocabulary a task uses: None is the byte vocabulary, a vocabulary is used as given, and a path
+    is a SentencePiece model when it ends in `.model`, else a Hugging Face tokenizer.json or a directory
+    holding one (e.g. the Hugging Face model directory given to `convert from_hf`), with its special ids."""
+    if vocabulary is None:
+        return default_vocabulary()
+    if isinstance(vocabulary, seqio.Vocabulary):
+        return vocabulary
+    if not isinstance(vocabulary, str):
+        raise TypeError(f"vocabulary (gin macro VOCABULARY) must be a seqio.Vocabulary, a tokenizer path or None, "
+                        f"got {vocabulary!r}")
+    if vocabulary.endswith(".model"):
+        return sentencepiece_vocabulary(vocabulary)
+    from lmops_jax.data import hf_tokenizer  # imports the `tokenizers` package only when asked for
+
+    return hf_tokenizer.HFTokenizerVocabulary(vocabulary)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +144,7 @@ def _chunked_stream(make_chunk: Callable[[tf.Tensor], dict[str, tf.Tensor]], see
 def register_synthetic_lm(
     source: MarkovSource | None = None,
     example_length: int = 512,
-    vocabulary: seqio.Vocabulary | None = None,
+    vocabulary: seqio.Vocabulary | str | None = None,
     name: str = SYNTHETIC_LM,
     train_seed: int = 0,
     validation_seed: int = 1,
@@ -138,7 +159,7 @@ def register_synthetic_lm(
     `synthetic_optimal_loss` returns: no model can do better in expectation.
     """
     source = MarkovSource() if source is None else source
-    vocabulary = default_vocabulary() if vocabulary is None else vocabulary
+    vocabulary = vocabulary_from(vocabulary)
     if not isinstance(source, MarkovSource):
         raise TypeError(f"source must be a MarkovSource, got {type(source).__name__}")
     if example_length < 1:
@@ -218,18 +239,19 @@ def _lines_to_targets(ds: tf.data.Dataset) -> tf.data.Dataset:
 def register_text_lm(
     train_files: str | Sequence[str] | None = None,
     validation_files: str | Sequence[str] | None = None,
-    vocabulary: seqio.Vocabulary | None = None,
+    vocabulary: seqio.Vocabulary | str | None = None,
     name: str = TEXT_LM,
 ) -> seqio.Task:
     """(Re)registers a decoder-only LM task over text files, one example per non-empty line + EOS.
 
     `train_files` / `validation_files` are paths or glob patterns (gin macros TEXT_FILES /
-    VALIDATION_TEXT_FILES); None means the corpus shipped with the package. Lines longer than the
-    feature length are truncated by seqio (EOS included), so keep lines shorter than it.
+    VALIDATION_TEXT_FILES); None means the corpus shipped with the package. `vocabulary` (gin macro
+    VOCABULARY) as in `vocabulary_from`. Lines longer than the feature length are truncated by seqio
+    (EOS included), so keep lines shorter than it.
     """
     train = _resolve_files(train_files, DEFAULT_TRAIN_FILES, "TEXT_FILES")
     validation = _resolve_files(validation_files, DEFAULT_VALIDATION_FILES, "VALIDATION_TEXT_FILES")
-    vocabulary = default_vocabulary() if vocabulary is None else vocabulary
+    vocabulary = vocabulary_from(vocabulary)
     seqio.TaskRegistry.remove(name)
     return seqio.TaskRegistry.add(
         name,
@@ -243,7 +265,7 @@ def register_synthetic_seq2seq(
     source: MarkovSource | None = None,
     min_length: int = 8,
     max_length: int = 32,
-    vocabulary: seqio.Vocabulary | None = None,
+    vocabulary: seqio.Vocabulary | str | None = None,
     name: str = SYNTHETIC_SEQ2SEQ,
     train_seed: int = 2,
     validation_seed: int = 3,
@@ -253,7 +275,7 @@ def register_synthetic_seq2seq(
     Input lengths are uniform in [min_length, max_length]; seeds behave as in `register_synthetic_lm`.
     """
     source = MarkovSource() if source is None else source
-    vocabulary = default_vocabulary() if vocabulary is None else vocabulary
+    vocabulary = vocabulary_from(vocabulary)
     if not 1 <= min_length <= max_length:
         raise ValueError(f"need 1 <= min_length <= max_length, got {min_length}, {max_length}")
 

@@ -1,5 +1,5 @@
 """`python -m lmops_jax.distillation dump_topk <the distillation run's flags>`."""
-from lmops_jax.distillation.trainer import main
+from lmops_jax.cli import runner
 
 if __name__ == "__main__":
-    main()
+    runner.run_as_main("lmops_jax.distillation.trainer")

@@ -10,13 +10,13 @@ Layout of a store directory (`KD_TOPK_DIR`), for a run of B rows x L tokens per 
   targets-00000.npy             int32   [n, B, L]     the batch's targets, to check alignment
   ... one set per shard of `shard_size` batches (the last shard holds the rest)
 
-Batch i of the store is batch i of the deterministic training stream (`pipeline.get_dataset` with the
+Batch i of the store is batch i of the deterministic training stream (`pipeline.batch_stream` with the
 run's task, lengths, batch size, packing and seed), i.e. the batch of train step i + 1. Arrays are
 global, in the global row order of the batch arrays; readers memory-map the shards and each process
 reads only the rows of its devices (`jax.make_array_from_callback`). Per batch the store holds
 B * L * (8k + 8) bytes: 16 x 256 tokens with k = 32 take 1.1 MB.
 
-`losses.kd_token_loss_from_topk` turns the k stored log-probs into a (k + 1)-outcome distribution
+`losses.TokenLosses.kd_from_topk` turns the k stored log-probs into a (k + 1)-outcome distribution
 whose last outcome is the tail mass 1 - sum(exp(logprobs)) the teacher put elsewhere, so the
 student is still pushed to keep the tail's total mass right (not its shape).
 """
@@ -32,7 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmops_jax import checkpoints, losses
+from lmops_jax.models import loading
 from lmops_jax.models.model import BaseModel
+from lmops_jax.models.spec import VocabularySpec
 from lmops_jax.partitioning import Partitioner
 
 TOPK_LOGPROBS = "teacher_topk_logprobs"
@@ -44,10 +46,25 @@ META = "meta.json"
 FORMAT_VERSION = 1
 
 
-def teacher_from_checkpoint(path: str) -> tuple[BaseModel, str | None]:
-    """(teacher model, its MIXTURE_OR_TASK_NAME or None) from the gin config stored with a checkpoint."""
-    from lmops_jax.inference import inference_module as inference  # gin parsed in isolation, so the caller's config is untouched
-    return inference.model_from_checkpoint(path, "pass teacher_model")
+def check_teacher_vocabulary(teacher: VocabularySpec | None, mixture_or_task_name: str) -> None:
+    """Raises unless the teacher's vocabulary (its checkpoint's spec; None: unknown, nothing to check) is
+    the 'targets' vocabulary of the run's task; warns when either cannot be built here."""
+    if teacher is None:
+        return
+    import seqio
+    from lmops_jax.data import tasks  # noqa: F401  registers the built-in tasks
+
+    teacher_vocab = teacher.build()
+    try:
+        student_vocab = seqio.get_mixture_or_task(mixture_or_task_name).output_features["targets"].vocabulary
+    except (ValueError, KeyError):
+        student_vocab = None
+    if teacher_vocab is None or student_vocab is None:
+        logging.warning("cannot compare the teacher's vocabulary %s with that of the student's task %r (not "
+                        "registered here)", teacher, mixture_or_task_name)
+    elif teacher_vocab != student_vocab:
+        raise ValueError(f"teacher and student must share a vocabulary: the teacher's checkpoint uses "
+                         f"{teacher_vocab!r}, the student's task {mixture_or_task_name!r} uses {student_vocab!r}")
 
 
 def _file(directory: str, name: str, shard: int) -> str:
@@ -165,7 +182,6 @@ def dump_teacher_topk(
     An existing complete store in `output_dir` is an error (delete it first).
     """
     from lmops_jax.cli import gin_flags as gin_utils
-    from lmops_jax.inference import inference_module as inference
     from lmops_jax.data import pipeline
 
     for name, value in (("teacher_checkpoint", teacher_checkpoint), ("output_dir", output_dir)):
@@ -179,24 +195,18 @@ def dump_teacher_topk(
     for fn in setup_fns:
         fn()
     partitioner = partitioner or Partitioner()
-    teacher_task = None
     if teacher_model is None:
-        teacher_model, teacher_task = teacher_from_checkpoint(teacher_checkpoint)
-    vocab = inference.task_vocabulary_or_none(mixture_or_task_name)
-    teacher_vocab = inference.task_vocabulary_or_none(teacher_task)
-    if vocab is not None and teacher_vocab is not None and vocab != teacher_vocab:
-        raise ValueError(f"the teacher's task {teacher_task!r} uses {teacher_vocab!r}, the run's task "
-                         f"{mixture_or_task_name!r} uses {vocab!r}: they must share a vocabulary")
+        teacher = loading.read_spec(teacher_checkpoint)
+        teacher_model = teacher.model
+        check_teacher_vocabulary(teacher.vocabulary, mixture_or_task_name)
     if not 1 <= k <= teacher_model.vocab_size:
         raise ValueError(f"k must lie in [1, {teacher_model.vocab_size}] (the vocabulary), got {k}")
-    abstract, shardings = inference.param_shardings(teacher_model, partitioner)
+    abstract, shardings = loading.param_shardings(teacher_model, partitioner)
     params = checkpoints.restore_params(teacher_checkpoint, abstract, shardings)
     lengths = {name: int(v) for name, v in task_feature_lengths.items()}
-    converter = teacher_model.feature_converter_cls(pack=pack)
     data_sharding = partitioner.data_sharding()
-    batches = pipeline.GlobalBatchIterator(lambda: pipeline.get_dataset(
-        mixture_or_task_name, lengths, converter, global_batch_size=batch_size, split="train", shuffle=True,
-        seed=seed), data_sharding)
+    batches = pipeline.batch_stream(mixture_or_task_name, lengths, teacher_model.feature_converter_cls(pack=pack),
+                                    global_batch_size=batch_size, sharding=data_sharding, seed=seed)
 
     def teacher_topk(p, batch):
         logits = teacher_model.compute_logits(p, batch)

@@ -1,7 +1,7 @@
 """DistillationTrainer: a student trained on a frozen teacher's outputs in one jitted step.
 
-Online teacher. The teacher is any model the library supports, rebuilt from the gin config stored with
-its Orbax checkpoint (`MODEL` macro, parsed in isolation) and restored params-only onto the student's
+Online teacher. The teacher is any model the library supports, rebuilt from the model spec stored with
+its Orbax checkpoint (`models.loading`; older checkpoints: their gin text) and restored params-only onto the student's
 mesh with its own logical-axis shardings. Its params enter the jitted train step as an argument
 (`Trainer.step_inputs`; never closed over as constants, never donated), run forward only under
 `stop_gradient`, and are never updated (they are not an argument of the gradient).
@@ -10,14 +10,14 @@ Offline teacher. `python -m lmops_jax.distillation dump_topk <the run's flags>` 
 over the run's training stream and stores, per token, its top-k log-probs and ids, the log-prob of
 the target (for `teacher_loss`) and the tokens themselves (see `TopKStore`). With `topk_dir` set, the
 trainer reads batch i's entry for step i instead of running the teacher and uses
-`losses.kd_token_loss_from_topk` (forward KL over the k ids plus one tail bucket holding the mass the
+`TokenLosses.kd_from_topk` (forward KL over the k ids plus one tail bucket holding the mass the
 teacher put outside its top-k). Every batch is checked token for token against the stored one.
 
 On-policy (GKD, Agarwal et al. 2024). With `gkd_lambda` > 0, a fraction lambda of steps (drawn from
 the seed and step, so a resumed run draws the same) replaces each row's targets after its first
 `gkd_prompt_length` tokens by a sample from the current student (`decoding.generate` inside the
-jitted step: with the KV cache for `DecoderOnlyModel` students, else by recomputing the full forward
-pass per token). Teacher and student then score the sampled rows and the loss is the KD term alone
+jitted step, over the student's decode API and KV cache: `sample_from_student`). Teacher and student
+then score the sampled rows and the loss is the KD term alone
 on the sampled tokens. Rows are treated as one sequence each (exact for `synthetic_lm`).
 
 Per weighted token the student minimizes
@@ -25,16 +25,16 @@ Per weighted token the student minimizes
 (`alpha` and `temperature` may be optax schedules of the step). Losses are sums normalized by the whole
 batch's token weight, so gradient accumulation matches the large batch as for `Trainer`. When the
 rules shard the vocabulary over a mesh axis of size > 1 (`tp` presets), KD, CE, argmax and the top-k
-KD run per vocabulary shard (`lmops_jax.losses.vocab_parallel`): full-vocabulary logits are never gathered.
+KD run per vocabulary shard (`losses.vocab_parallel.VocabParallelTokenLosses`, else the plain
+`losses.TokenLosses`, which `losses.kd_loss` uses): full-vocabulary logits are never gathered.
 Metrics (per weighted token): `kd_loss`, `ce_loss`, `teacher_agreement` (top-1), `teacher_loss` (the
 teacher's CE on the batch); per step: `kd_alpha`, `kd_temperature`, `on_policy`.
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
+import functools
 import math
-import sys
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
@@ -44,9 +44,9 @@ from lmops_jax import checkpoints, losses
 from lmops_jax.inference import decoding
 from lmops_jax.losses import vocab_parallel as vp
 from lmops_jax.distillation.topk_store import (TOPK_IDS, TOPK_LOGPROBS, TARGET_LOGPROB, TopKBatches, TopKStore,
-                                          dump_teacher_topk, teacher_from_checkpoint)
-from lmops_jax.models import decoder_only
-from lmops_jax.models.model import BaseModel, DecoderOnlyModel
+                                          check_teacher_vocabulary, dump_teacher_topk)
+from lmops_jax.models import loading
+from lmops_jax.models.model import BaseModel
 from lmops_jax.training.trainer import Trainer
 
 ScalarOrSchedule = float | Callable[[Any], Any]
@@ -60,51 +60,28 @@ def _shift_right(targets: jax.Array) -> jax.Array:
 
 
 def sample_from_student(model: BaseModel, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, *,
-                        prompt_length: int, temperature: float = 1.0, eos_id: int = 1,
-                        use_cache: bool | None = None) -> dict[str, jax.Array]:
+                        prompt_length: int, temperature: float = 1.0, eos_id: int = 1) -> dict[str, jax.Array]:
     """The batch with each row's targets after `prompt_length` tokens sampled from the model (jittable).
 
     Each row is taken as one sequence from position 0: the prompt is its first `prompt_length` targets,
     the continuation fills the row. Returns the batch with new `decoder_target_tokens`,
     `decoder_input_tokens` (targets shifted right), `decoder_loss_weights` (1 on sampled tokens up to
     and including EOS), segment ids 1 and positions 0..L-1 (when the batch has them).
-    `use_cache` (default: for DecoderOnlyModel) decodes with the KV cache; otherwise every token
-    recomputes the forward pass over the whole row (any decoder-only-format model).
+    Sampling runs through the model's decode API: `prefill` of the row's decoder inputs up to the
+    prompt's end (0 + prompt, as the feature converter shifts them), then `decode_step` over the KV
+    cache. The model must read its prompt as the start of its sequence (decoder-only, LoRA or not).
     """
     targets = batch["decoder_target_tokens"]
     size, length = targets.shape
     if not 0 <= prompt_length < length:
         raise ValueError(f"prompt_length must lie in [0, {length}) (the targets length), got {prompt_length}")
-    use_cache = isinstance(model, DecoderOnlyModel) if use_cache is None else use_cache
     prompt = targets[:, :prompt_length]
     ones = jnp.ones_like(targets)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=targets.dtype), targets.shape)
-    if use_cache:
-        if not isinstance(model, DecoderOnlyModel):
-            raise ValueError(f"use_cache needs a DecoderOnlyModel, got {type(model).__name__}")
-        cfg = model.config
-        cache = decoder_only.init_cache(cfg, size, length)
-        prefill = jnp.concatenate([jnp.zeros((size, 1), targets.dtype), prompt], axis=1)
-        logits, cache = decoder_only.decode_step(cfg, params, cache, prefill)
-        initial, state = logits[:, -1], cache
-
-        def step(tokens, cache):
-            logits, cache = decoder_only.decode_step(cfg, params, cache, tokens[:, None])
-            return logits[:, 0], cache
-    else:
-        def logits_at(buffer, index):
-            view = {"decoder_input_tokens": _shift_right(buffer), "decoder_target_tokens": buffer,
-                    "decoder_segment_ids": ones, "decoder_positions": positions}
-            return jax.lax.dynamic_index_in_dim(model.compute_logits(params, view), index, 1, keepdims=False)
-
-        buffer = targets.at[:, prompt_length:].set(0)
-        initial = logits_at(buffer, prompt_length)
-        state = {"targets": buffer, "index": jnp.asarray(prompt_length, jnp.int32)}
-
-        def step(tokens, state):
-            buffer = jax.lax.dynamic_update_index_in_dim(state["targets"], tokens.astype(targets.dtype),
-                                                         state["index"], 1)
-            return logits_at(buffer, state["index"] + 1), {"targets": buffer, "index": state["index"] + 1}
+    cache = model.init_cache(size, length, prompt_length + 1)
+    initial, state = model.prefill(params, _shift_right(targets)[:, :prompt_length + 1],
+                                   jnp.full((size,), prompt_length + 1, jnp.int32), cache)
+    step = functools.partial(model.decode_step, params)
     out = decoding.generate(initial, state, step, max_new_tokens=length - prompt_length, eos_id=eos_id,
                             method="sample", rng=rng, temperature=temperature)
     new_targets = jnp.concatenate([prompt, out.tokens.astype(targets.dtype)], axis=1)
@@ -125,13 +102,13 @@ class DistillationTrainer(Trainer):
     """Trainer whose loss mixes a KD term against a frozen teacher with the hard-label loss.
 
     Attributes (beyond Trainer's):
-      teacher_checkpoint: Orbax checkpoint of the teacher (TEACHER_CHECKPOINT); its stored gin config
-        builds the teacher model. With `topk_dir` only its config is read (for the vocabulary checks).
+      teacher_checkpoint: Orbax checkpoint of the teacher (TEACHER_CHECKPOINT); its stored model spec
+        builds the teacher model. With `topk_dir` only its spec is read (for the vocabulary checks).
       kd_loss: 'forward_kl', 'reverse_kl' or 'jsd' (KD_LOSS); offline top-k supports 'forward_kl'.
       kd_temperature: softmax temperature T > 0, constant or schedule (KD_TEMPERATURE); KD is scaled by T^2.
       kd_alpha: weight of the KD term in [0, 1], constant or schedule (KD_ALPHA).
       kd_beta: JSD mixture weight of the teacher (KD_BETA).
-      teacher_model: overrides the model built from the checkpoint's config.
+      teacher_model: overrides the model built from the checkpoint's spec.
       teacher_params: Python API: the teacher's params (then `teacher_model` is required and no
         checkpoint is read); they are placed on the teacher's shardings.
       topk_dir: offline mode: a `dump_topk` store of this run's stream (KD_TOPK_DIR).
@@ -158,17 +135,15 @@ class DistillationTrainer(Trainer):
     vocab_parallel: bool | None = None
 
     def __post_init__(self):
-        from lmops_jax.inference import inference_module as inference  # param shardings of a model under the rules
-
         if self.kd_loss not in losses.KD_KINDS:
             raise ValueError(f"unknown KD_LOSS {self.kd_loss!r}; choose one of {losses.KD_KINDS}")
-        losses._check_kd_args(self.kd_loss, self.kd_temperature, self.kd_beta)
+        losses.check_kd_args(self.kd_loss, self.kd_temperature, self.kd_beta)
         if isinstance(self.kd_alpha, (int, float)) and not 0.0 <= self.kd_alpha <= 1.0:
             raise ValueError(f"KD_ALPHA must lie in [0, 1], got {self.kd_alpha}")
         if not 0.0 <= self.gkd_lambda <= 1.0:
             raise ValueError(f"GKD_LAMBDA must lie in [0, 1], got {self.gkd_lambda}")
         self.offline = bool(self.topk_dir)
-        self._teacher_task = None
+        self._teacher_vocabulary = None
         if self.teacher_params is not None and self.teacher_model is None:
             raise ValueError("DistillationTrainer: teacher_params need teacher_model (the model they belong to)")
         if self.teacher_model is None:
@@ -176,13 +151,14 @@ class DistillationTrainer(Trainer):
                 raise ValueError("DistillationTrainer needs teacher_checkpoint (gin macro TEACHER_CHECKPOINT), "
                                  "or teacher_model and teacher_params")
             if self.teacher_checkpoint:
-                self.teacher_model, self._teacher_task = teacher_from_checkpoint(self.teacher_checkpoint)
+                teacher = loading.read_spec(self.teacher_checkpoint)
+                self.teacher_model, self._teacher_vocabulary = teacher.model, teacher.vocabulary
         if self.teacher_model is not None:
             self._check_teacher_matches(self.teacher_model)
         if self.offline:
             self._init_offline()
         else:
-            abstract, self._teacher_shardings = inference.param_shardings(self.teacher_model, self.partitioner)
+            abstract, self._teacher_shardings = loading.param_shardings(self.teacher_model, self.partitioner)
             if self.teacher_params is None:
                 self.teacher_params = checkpoints.restore_params(
                     self.teacher_checkpoint, abstract, self._teacher_shardings)
@@ -198,7 +174,7 @@ class DistillationTrainer(Trainer):
             if not 0 <= self.gkd_prompt_length < int(self.task_feature_lengths["targets"]):
                 raise ValueError(f"GKD_PROMPT_LENGTH={self.gkd_prompt_length} must lie in [0, targets length "
                                  f"{self.task_feature_lengths['targets']})")
-        self.vocab_parallel_axes = self._vocab_parallel_axes()
+        self.token_losses = self._token_losses()
         super().__post_init__()
 
     # --------------------------------------------------------------------------------------- set-up
@@ -229,8 +205,9 @@ class DistillationTrainer(Trainer):
                              f"run's {self.num_train_steps} steps; dump with num_batches >= TRAIN_STEPS")
         self.teacher_params, self._teacher_shardings = (), ()
 
-    def _vocab_parallel_axes(self) -> tuple[str, Any] | None:
-        """(vocab mesh axis, batch mesh axes) of the logits when the vocabulary is sharded, else None."""
+    def _token_losses(self) -> losses.TokenLosses:
+        """The loss object of `loss_fn`: vocabulary-parallel when the rules shard the logits' vocabulary
+        over a mesh axis of size > 1 (unless `vocab_parallel` is False), else plain."""
         micro = self.batch_size // self.num_microbatches
         shape = (micro, int(self.task_feature_lengths["targets"]), self.model.vocab_size)
         spec = tuple(self.partitioner.spec(("batch", "length", "act_vocab"), shape))
@@ -238,14 +215,14 @@ class DistillationTrainer(Trainer):
         axes = () if vocab is None else ((vocab,) if isinstance(vocab, str) else tuple(vocab))
         sharded = math.prod(self.partitioner.axis_sizes[a] for a in axes) > 1
         if self.vocab_parallel is False or (not sharded and self.vocab_parallel is None):
-            return None
+            return losses.TokenLosses()
         if not sharded:
             raise ValueError(f"vocab_parallel=True but the rules {self.partitioner.rules} do not shard the "
                              f"vocabulary of logits {shape} over a mesh axis of size > 1")
         if len(axes) != 1:
             raise NotImplementedError(f"the vocabulary is sharded over several mesh axes {axes}; the vocabulary-"
                                       "parallel losses take one axis")
-        return axes[0], spec[0] if spec else None
+        return vp.VocabParallelTokenLosses(self.partitioner.mesh, axes[0], spec[0] if spec else None)
 
     def step_inputs(self) -> Any:
         return self.teacher_params
@@ -254,20 +231,9 @@ class DistillationTrainer(Trainer):
         return self._teacher_shardings
 
     def check_data(self, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int]) -> None:
-        """Teacher (its checkpoint's task) and student task must share the vocabulary; the top-k store
-        must come from this task and seed."""
-        from lmops_jax.inference import inference_module as inference
-
-        student_vocab = inference.task_vocabulary_or_none(mixture_or_task_name)
-        if self._teacher_task and self._teacher_task != mixture_or_task_name:
-            teacher_vocab = inference.task_vocabulary_or_none(self._teacher_task)
-            if teacher_vocab is None or student_vocab is None:
-                logging.warning("cannot compare the vocabularies of the teacher's task %r and the student's task "
-                                "%r (not registered here)", self._teacher_task, mixture_or_task_name)
-            elif teacher_vocab != student_vocab:
-                raise ValueError(
-                    f"teacher and student must share a vocabulary: the teacher's task {self._teacher_task!r} uses "
-                    f"{teacher_vocab!r}, the student's task {mixture_or_task_name!r} uses {student_vocab!r}")
+        """Teacher (its checkpoint's vocabulary) and student task must share the vocabulary; the top-k
+        store must come from this task and seed."""
+        check_teacher_vocabulary(self._teacher_vocabulary, mixture_or_task_name)
         if self.offline:
             meta = self.store.meta
             for key, value in (("mixture_or_task_name", mixture_or_task_name), ("seed", self.seed)):
@@ -276,58 +242,32 @@ class DistillationTrainer(Trainer):
                                      f"run has {key}={value!r}")
 
     # ------------------------------------------------------------------------------------- the loss
-    def _ce(self, logits, targets, z_loss=0.0, label_smoothing=0.0):
-        if self.vocab_parallel_axes is None:
-            return losses.cross_entropy_with_logits(logits, targets, z_loss=z_loss, label_smoothing=label_smoothing)
-        axis, batch_axes = self.vocab_parallel_axes
-        return vp.vocab_parallel_cross_entropy(logits, targets, mesh=self.partitioner.mesh, vocab_axis=axis,
-                                               batch_axes=batch_axes, z_loss=z_loss, label_smoothing=label_smoothing)
-
-    def _argmax(self, logits):
-        if self.vocab_parallel_axes is None:
-            return jnp.argmax(logits, axis=-1)
-        axis, batch_axes = self.vocab_parallel_axes
-        return vp.vocab_parallel_argmax(logits, mesh=self.partitioner.mesh, vocab_axis=axis, batch_axes=batch_axes)
-
-    def _kd(self, student_logits, teacher_logits, temperature):
-        if self.vocab_parallel_axes is None:
-            return losses.kd_token_loss(student_logits, teacher_logits, kind=self.kd_loss, temperature=temperature,
-                                        beta=self.kd_beta)
-        axis, batch_axes = self.vocab_parallel_axes
-        return vp.vocab_parallel_kd_token_loss(
-            student_logits, teacher_logits, mesh=self.partitioner.mesh, kind=self.kd_loss, temperature=temperature,
-            beta=self.kd_beta, vocab_axis=axis, batch_axes=batch_axes)
-
-    def _kd_topk(self, student_logits, logprobs, ids, temperature):
-        if self.vocab_parallel_axes is None:
-            return losses.kd_token_loss_from_topk(student_logits, logprobs, ids, temperature=temperature)
-        axis, batch_axes = self.vocab_parallel_axes
-        return vp.vocab_parallel_kd_token_loss_from_topk(student_logits, logprobs, ids, mesh=self.partitioner.mesh,
-                                                         temperature=temperature, vocab_axis=axis,
-                                                         batch_axes=batch_axes)
-
     def loss_fn(self, params, batch, rng, loss_normalizer, inputs, step):
         student_logits = self.model.compute_logits(params, batch, rng)
         targets = batch["decoder_target_tokens"]
         weights = batch["decoder_loss_weights"].astype(jnp.float32)
         alpha = losses.resolve_schedule(self.kd_alpha, step)
         temperature = losses.resolve_schedule(self.kd_temperature, step)
+        token_losses = self.token_losses
         if self.offline:
-            kd = self._kd_topk(student_logits, batch[TOPK_LOGPROBS], batch[TOPK_IDS], temperature)
+            kd = token_losses.kd_from_topk(student_logits, batch[TOPK_LOGPROBS], batch[TOPK_IDS],
+                                           temperature=temperature)
             teacher_top1 = batch[TOPK_IDS][..., 0]
             teacher_ce = -batch[TARGET_LOGPROB].astype(jnp.float32)
         else:
             teacher_logits = jax.lax.stop_gradient(
                 self.teacher_model.compute_logits(jax.lax.stop_gradient(inputs), batch))
-            kd = self._kd(student_logits, teacher_logits, temperature)
-            teacher_top1 = self._argmax(teacher_logits)
-            teacher_ce, _ = self._ce(teacher_logits, targets)
-        ce_and_z, z = self._ce(student_logits, targets, self.model.z_loss, self.model.label_smoothing)
+            kd = token_losses.kd(student_logits, teacher_logits, kind=self.kd_loss, temperature=temperature,
+                                 beta=self.kd_beta)
+            teacher_top1 = token_losses.argmax(teacher_logits)
+            teacher_ce, _ = token_losses.cross_entropy(teacher_logits, targets)
+        ce_and_z, z = token_losses.cross_entropy(student_logits, targets, z_loss=self.model.z_loss,
+                                                 label_smoothing=self.model.label_smoothing)
         ce = ce_and_z - z
         if ON_POLICY in batch:  # sampled rows: their "targets" are the student's own tokens, so KD only
             alpha = jnp.where(batch[ON_POLICY][:, None] > 0, 1.0, alpha)
         token_loss = alpha * kd + (1.0 - alpha) * ce + z
-        student_top1 = self._argmax(student_logits)
+        student_top1 = token_losses.argmax(student_logits)
         sums = lambda x: jnp.sum(x * weights)  # noqa: E731
         metrics = {
             "loss_sum": sums(token_loss),
@@ -370,30 +310,14 @@ class DistillationTrainer(Trainer):
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     """`python -m lmops_jax.distillation dump_topk <the distillation run's flags>`: writes KD_TOPK_DIR."""
-    import gin
-    from lmops_jax.cli import gin_flags as gin_utils
-    from lmops_jax.distillation import topk_store as distillation_store
+    from lmops_jax.cli import runner
+    from lmops_jax.distillation import topk_store
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout,
-                        force=True)
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "dump_topk":
-        print("usage: python -m lmops_jax.distillation dump_topk --gin_file=... [--gin.NAME=VALUE ...]\n"
-              "  (the flags of the distillation run, with KD_TOPK_DIR and KD_TOPK set)", file=sys.stderr)
-        sys.exit(2)
-    try:
-        args = gin_utils.parse_flags(argv[1:])
-        gin_utils.parse(args.gin_file, args.gin_bindings, args.gin_search_paths.split(","))
-        try:
-            dump = gin.get_configurable(distillation_store.dump_teacher_topk)
-        except ValueError as e:
-            raise gin_utils.GinConfigError("the gin files bind nothing to dump_teacher_topk; include "
-                                           f"gin_configs/runs/distill.gin ({e})") from e
-        dump()
-    except gin_utils.GinConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
+    dump_topk = runner.GinJob(
+        topk_store.dump_teacher_topk, "gin_configs/runs/distill.gin",
+        help="run the teacher once over the run's training stream and store its top-k log-probs; takes the "
+             "distillation run's flags plus --gin.KD_TOPK_DIR (and --gin.KD_TOPK)")
+    return runner.run("python -m lmops_jax.distillation", "Offline distillation (docs/distillation.md).",
+                      {"dump_topk": dump_topk}, argv)

@@ -7,9 +7,9 @@
 `infer(...)` is also the Python API. The model comes from the gin config stored with the checkpoint
 (`InferenceModule.from_checkpoint`), so no model flags are repeated.
 
-Examples. Encoder-decoder models and decoder-only tasks with an "inputs" feature use it as the prompt
-and "targets" as the reference. Decoder-only tasks with only "targets" (plain language modelling) split
-each example: its first `prompt_length` tokens are the prompt, the rest the reference. MODE='predict'
+Examples. Tasks with an "inputs" feature use it as the prompt and "targets" as the reference. Tasks
+with only "targets" (plain language modelling) split each example: its first `prompt_length` tokens
+are the prompt (an encoder-decoder model reads it with its encoder), the rest the reference. MODE='predict'
 generates a continuation (`prediction`, its `log_prob`); MODE='score' gives the log-likelihood of the
 reference given the prompt (`score`). Each record also holds the detokenized `inputs` and `targets`.
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -38,6 +37,7 @@ from jax.experimental import multihost_utils
 
 from lmops_jax import checkpoints
 from lmops_jax.cli import gin_flags as gin_utils
+from lmops_jax.cli import runner
 from lmops_jax.inference.inference_module import InferenceModule
 
 MODES = ("predict", "score")
@@ -59,13 +59,11 @@ def _examples(task: Any, split: str, num_examples: int | None, task_feature_leng
     return list(ds.as_numpy_iterator())
 
 
-def _split_example(example: Mapping[str, Any], encoder_decoder: bool, prompt_length: int) -> tuple[list, list]:
+def _split_example(example: Mapping[str, Any], prompt_length: int) -> tuple[list, list]:
     """(prompt tokens, reference tokens) of one preprocessed example (module docstring)."""
     targets = [int(t) for t in example["targets"]]
     if "inputs" in example:
         return [int(t) for t in example["inputs"]], targets
-    if encoder_decoder:
-        raise ValueError("an encoder-decoder model needs a task with an 'inputs' feature")
     return targets[:prompt_length], targets[prompt_length:]
 
 
@@ -139,11 +137,12 @@ def infer(
         ends for the synthetic tasks.
       batch_size: examples per batch over all processes (BATCH_SIZE).
       task_feature_lengths: seqio trimming lengths, e.g. {'inputs': 256, 'targets': 256}; None: no trimming.
-      prompt_length: prompt tokens of target-only decoder examples (PROMPT_LENGTH).
+      prompt_length: prompt tokens of target-only examples (PROMPT_LENGTH).
       max_new_tokens, method, temperature, top_k, top_p, num_beams, length_penalty, seed: decoding
         (see `InferenceModule.generate`); predict mode only.
       dtype, mesh_shape, logical_axis_rules: see `InferenceModule.from_checkpoint`.
-      setup_fns: called first, e.g. task registrations.
+      setup_fns: called first, e.g. task registrations (the built-in tasks register on importing
+        `lmops_jax.data.tasks`, as `lmops_jax.infer` and infer.gin do).
     """
     _check_args(checkpoint_path=checkpoint_path, mixture_or_task_name=mixture_or_task_name)
     if mode not in MODES:
@@ -151,7 +150,6 @@ def infer(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"BATCH_SIZE must be a positive int, got {batch_size!r}")
     import seqio
-    from lmops_jax.data import tasks  # noqa: F401  registers the built-in tasks
     for fn in setup_fns:
         fn()
     try:
@@ -166,7 +164,7 @@ def infer(
         vocabulary=task.output_features["targets"].vocabulary)
     vocab = module.vocabulary
     start = time.time()
-    examples = [_split_example(ex, module.is_encoder_decoder, prompt_length)
+    examples = [_split_example(ex, prompt_length)
                 for ex in _examples(task, split, num_examples, task_feature_lengths, seed)]
     local_batch = max(1, batch_size // jax.process_count())
     num_batches = -(-len(examples) // local_batch)
@@ -217,28 +215,6 @@ def infer(
     return metrics
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: parse gin flags, then call the gin-configured `infer`. Exit code 2 for a bad configuration."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout,
-                        force=True)
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    import gin
-
-    from lmops_jax.inference import infer as infer_module  # under `python -m` this file is __main__
-    from lmops_jax.training.train import initialize_distributed
-
-    try:
-        args = gin_utils.parse_flags(sys.argv[1:] if argv is None else argv)
-        initialize_distributed(args)
-        gin_utils.parse(args.gin_file, args.gin_bindings, args.gin_search_paths.split(","))
-        try:
-            configured = gin.get_configurable(infer_module.infer)
-        except ValueError as e:
-            raise gin_utils.GinConfigError(
-                "the gin files bind nothing to lmops_jax.inference.infer.infer; include gin_configs/runs/infer.gin "
-                f"({e})") from e
-        configured()
-    except (gin_utils.GinConfigError, checkpoints.CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lmops_jax.infer`: the gin-configured `infer` through the CLI runner (exit codes there)."""
+    return runner.run("python -m lmops_jax.infer", __doc__, runner.GinJob(infer, "gin_configs/runs/infer.gin"), argv)

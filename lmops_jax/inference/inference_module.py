@@ -5,16 +5,18 @@
     out.texts, out.tokens, out.log_probs
 
 Prompts. Strings are tokenized with the vocabulary (the checkpoint task's, else `seqio.ByteVocabulary`);
-int token lists / arrays are used as given. Decoder-only prompts get `bos_id` (default 0) prepended,
-because `seqio.DecoderFeatureConverter` shifts targets right with 0, so models trained here saw 0
-before every sequence. Encoder-decoder string prompts get EOS appended as seqio tasks do, and the
-decoder starts from token 0.
+int token lists / arrays are used as given. The model formats them (`BaseModel.prompt_tokens`,
+`score_features`, `logits_features`): decoder-only prompts get `bos_id` (default 0) prepended, because
+`seqio.DecoderFeatureConverter` shifts targets right with 0, so models trained here saw 0 before every
+sequence; encoder-decoder string prompts get EOS appended as seqio tasks do, and the decoder starts
+from token 0. This module only calls the model contract (`models.model`): it never branches on the
+model family, so any `BaseModel` (e.g. `peft.LoraModel`) runs through it.
 
 Batching and the KV cache. Prompts of a batch are right-padded; each example's true length goes to
-the prefill, which writes the whole padded prompt into the cache (`decoder_only.decode_step`) and
-takes the first-token logits at the example's own last position. Every later step writes one token
-per example at its own position, so examples of different lengths decode in one batch with exact
-positions (see `decoder_only` and `layers.Attention`). One jit holds the prefill and the
+`model.prefill`, which writes the whole padded prompt into the cache (`model.init_cache(batch, prompt
++ max_new_tokens, prompt)`) and returns the first-token logits at the example's own last position.
+Every later `model.decode_step` writes one token per example at its own position, so examples of
+different lengths decode in one batch with exact positions. One jit holds the prefill and the
 `lax.while_loop` of `decoding.generate` / `beam_search.beam_search`.
 
 Compilation. Batch sizes round up to a power of two (and a multiple of the batch shards) and lengths
@@ -30,11 +32,10 @@ gets back the results for its own rows.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
-import logging
+import functools
 import numbers
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -43,14 +44,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lmops_jax.inference import beam_search as beam_lib
-from lmops_jax import checkpoints
 from lmops_jax.inference import decoding
-from lmops_jax.models import decoder_only, encoder_decoder
-from lmops_jax.models.model import BaseModel, DecoderOnlyModel, EncoderDecoderModel
+from lmops_jax.models import loading
+from lmops_jax.models.model import BaseModel
 from lmops_jax.partitioning import Partitioner
 
 METHODS = ("greedy", "sample", "beam")
-DTYPES = ("float32", "bfloat16")
 DEFAULT_MAX_LENGTH = 2048
 Tokens = Sequence[Sequence[int]] | np.ndarray
 
@@ -82,103 +81,6 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-@contextlib.contextmanager
-def isolated_gin() -> Iterator[None]:
-    """Runs the body on an empty global gin config, then restores the previous one exactly.
-
-    gin has one global config; a CLI that already parsed its own flags can so read another config
-    (a checkpoint's) without losing them. Uses gin's module-level state, which has no public API.
-    """
-    import gin
-    import gin.config as gin_config
-    saved = ({k: dict(v) for k, v in gin_config._CONFIG.items()}, set(gin_config._IMPORTS),
-             dict(gin_config._SINGLETONS), dict(gin_config._OPERATIVE_CONFIG), gin_config._CONFIG_IS_LOCKED)
-    gin.clear_config()
-    try:
-        yield
-    finally:
-        gin.clear_config()
-        gin_config._CONFIG.update(saved[0])
-        gin_config._IMPORTS.update(saved[1])
-        gin_config._SINGLETONS.update(saved[2])
-        gin_config._OPERATIVE_CONFIG.update(saved[3])
-        gin_config._set_config_is_locked(saved[4])
-
-
-def model_from_gin(config_text: str, source: str = "<gin config>") -> tuple[BaseModel, str | None]:
-    """(the `MODEL` macro's object, the `MIXTURE_OR_TASK_NAME` macro or None) of a gin config text."""
-    import gin
-    with isolated_gin():
-        try:
-            gin.parse_config(config_text)
-        except Exception as e:  # gin raises many types, with the location in the message
-            raise checkpoints.CheckpointError(f"cannot parse the gin config stored with {source}: {e}") from e
-        try:
-            ref = gin.query_parameter("MODEL/gin.macro.value")
-        except ValueError as e:
-            raise checkpoints.CheckpointError(f"the gin config stored with {source} defines no MODEL macro") from e
-        model = ref.scoped_configurable_fn() if isinstance(ref, gin.config.ConfigurableReference) else ref
-        try:
-            task = gin.query_parameter("MIXTURE_OR_TASK_NAME/gin.macro.value")
-        except ValueError:
-            task = None
-    if not isinstance(model, BaseModel):
-        raise checkpoints.CheckpointError(f"MODEL in the gin config stored with {source} is {model!r}, not a model")
-    return model, task if isinstance(task, str) else None
-
-
-def model_from_checkpoint(path: str, remedy: str) -> tuple[BaseModel, str | None]:
-    """(model, MIXTURE_OR_TASK_NAME or None) from the gin config stored with a checkpoint.
-
-    A checkpoint without a stored config raises CheckpointError ending with `remedy` (what the caller
-    can do instead).
-    """
-    config_text = checkpoints.read_config(path)
-    if not config_text.strip():
-        raise checkpoints.CheckpointError(
-            f"checkpoint {path!r} has no gin config, so its model cannot be rebuilt; {remedy}")
-    return model_from_gin(config_text, repr(path))
-
-
-def task_vocabulary_or_none(task_name: str | None):
-    """The 'targets' vocabulary of a registered seqio task or mixture, or None."""
-    if not task_name:
-        return None
-    import seqio
-    from lmops_jax.data import tasks  # noqa: F401  registers the built-in tasks
-    try:
-        return seqio.get_mixture_or_task(task_name).output_features["targets"].vocabulary
-    except (ValueError, KeyError):
-        return None
-
-
-def task_vocabulary(task_name: str | None):
-    """The 'targets' vocabulary of a registered seqio task or mixture, else `seqio.ByteVocabulary()`."""
-    import seqio
-    vocabulary = task_vocabulary_or_none(task_name)
-    if vocabulary is None:
-        if task_name:
-            logging.warning("task %r is not registered here; using seqio.ByteVocabulary()", task_name)
-        return seqio.ByteVocabulary()
-    return vocabulary
-
-
-def _with_dtype(model: BaseModel, dtype: str | None) -> BaseModel:
-    if dtype is None:
-        return model
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be None or one of {DTYPES}, got {dtype!r}")
-    config = dataclasses.replace(model.config, dtype=dtype, param_dtype=dtype)
-    return dataclasses.replace(model, config=config)
-
-
-def param_shardings(model: BaseModel, partitioner: Partitioner) -> tuple[Any, Any]:
-    """(abstract unboxed params, their NamedShardings) of `model` under the partitioner's rules."""
-    shapes = model.input_shapes(1, {"inputs": 8, "targets": 8})
-    boxed = jax.eval_shape(lambda: model.init_params(jax.random.key(0), shapes))
-    return nn.meta.unbox(boxed), partitioner.shardings_of_boxed(boxed)
-
-
 def _check_int(name: str, value: Any, minimum: int) -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -186,34 +88,31 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 
 class InferenceModule:
-    """Jitted generation, scoring and logits for a `DecoderOnlyModel` or `EncoderDecoderModel`.
+    """Jitted generation, scoring and logits for any `BaseModel` (through its decode API and request formats).
 
     Args:
       model: the model wrapper.
       params: its parameters (boxed or not); placed with the partitioner's shardings.
       partitioner: mesh and rules; default one local device.
       vocabulary: seqio vocabulary for string prompts (default `seqio.ByteVocabulary()`).
-      max_length: most positions of a sequence (prompt + new tokens for decoder-only models; encoder
-        or decoder length for encoder-decoders); default the config's `max_length`, else 2048.
+      max_length: most tokens of a request: prompt + new tokens for `generate`, each row of a
+        `score` / `logits` batch; default the model's `max_length`, else 2048.
       bos_id: token prepended to decoder-only prompts (None: nothing); see the module docstring.
       min_length_bucket: smallest padded length.
     """
 
     def __init__(self, model: BaseModel, params: Any, partitioner: Partitioner | None = None, vocabulary: Any = None,
                  *, max_length: int | None = None, bos_id: int | None = 0, min_length_bucket: int = 8):
-        if not isinstance(model, (DecoderOnlyModel, EncoderDecoderModel)):
-            raise TypeError(f"model must be a DecoderOnlyModel or EncoderDecoderModel, got {type(model).__name__}")
+        if not isinstance(model, BaseModel):
+            raise TypeError(f"model must be a BaseModel, got {type(model).__name__}")
         self.model = model
-        self.is_encoder_decoder = isinstance(model, EncoderDecoderModel)
-        self.partitioner = partitioner or Partitioner(
-            {"data": 1, "fsdp": 1, "model": 1}, "dp", devices=jax.local_devices()[:1])
+        self.partitioner = partitioner or loading.default_partitioner()
         self._vocabulary = vocabulary
-        self.max_length = _check_int(
-            "max_length", max_length or getattr(model.config, "max_length", None) or DEFAULT_MAX_LENGTH, 1)
-        self.bos_id = None if self.is_encoder_decoder or bos_id is None else _check_int("bos_id", bos_id, 0)
+        self.max_length = _check_int("max_length", max_length or model.max_length or DEFAULT_MAX_LENGTH, 1)
+        self.bos_id = None if bos_id is None else _check_int("bos_id", bos_id, 0)
         self.min_length_bucket = _check_int("min_length_bucket", min_length_bucket, 1)
         self.trace_counts: collections.Counter = collections.Counter()
-        abstract, shardings = param_shardings(model, self.partitioner)
+        abstract, shardings = loading.param_shardings(model, self.partitioner)
         params = nn.meta.unbox(params)
         if jax.tree.structure(params) != jax.tree.structure(abstract):
             given = sorted(params) if isinstance(params, Mapping) else type(params).__name__
@@ -240,26 +139,24 @@ class InferenceModule:
     def from_checkpoint(cls, path: str, *, dtype: str | None = None, mesh_shape: Mapping[str, int] | None = None,
                         logical_axis_rules: Any = "tp", max_length: int | None = None, vocabulary: Any = None,
                         bos_id: int | None = 0) -> InferenceModule:
-        """Rebuilds the model from the gin config stored in the checkpoint and restores its params only.
+        """Rebuilds the model from the checkpoint's model spec (`models.loading`) and restores its params only.
 
         Args:
           path: MODEL_DIR, its checkpoints folder or a step folder.
           dtype: None keeps the checkpoint's dtypes; "bfloat16" casts params and computes in bf16.
           mesh_shape: e.g. {'data': 1, 'fsdp': 1, 'model': -1}; None: one local device.
           logical_axis_rules: rules used with `mesh_shape` (default tensor parallel, 'tp').
-          max_length, vocabulary, bos_id: as for the constructor; the vocabulary defaults to the
-            'targets' vocabulary of the config's MIXTURE_OR_TASK_NAME.
+          max_length, vocabulary, bos_id: as for the constructor; the vocabulary defaults to the one the
+            checkpoint describes (a byte vocabulary, the default, is built only when text is tokenized).
         """
-        model, task = model_from_checkpoint(path, "build the model yourself and use InferenceModule(model, params)")
-        model = _with_dtype(model, dtype)
-        partitioner = None if mesh_shape is None else Partitioner(mesh_shape, logical_axis_rules)
-        module_partitioner = partitioner or Partitioner(
-            {"data": 1, "fsdp": 1, "model": 1}, "dp", devices=jax.local_devices()[:1])
-        abstract, shardings = param_shardings(model, module_partitioner)
-        params = checkpoints.restore_params(path, abstract, shardings)
-        if vocabulary is None:
-            vocabulary = task_vocabulary(task)
-        return cls(model, params, module_partitioner, vocabulary, max_length=max_length, bos_id=bos_id)
+        loaded = loading.read_spec(path)
+        model = loading.with_dtype(loaded.model, dtype)
+        partitioner = (loading.default_partitioner() if mesh_shape is None
+                       else Partitioner(mesh_shape, logical_axis_rules))
+        params = loading.restore_params(path, model, partitioner)
+        if vocabulary is None and loaded.vocabulary is not None and loaded.vocabulary.kind != "byte":
+            vocabulary = loaded.vocabulary.build()
+        return cls(model, params, partitioner, vocabulary, max_length=max_length, bos_id=bos_id)
 
     # ------------------------------------------------------------------------------------ helpers
     @property
@@ -274,7 +171,7 @@ class InferenceModule:
             self._vocabulary = seqio.ByteVocabulary()
         return self._vocabulary
 
-    def _tokenize(self, items: Any, name: str, add_eos: bool = False) -> tuple[list[list[int]], bool]:
+    def _tokenize(self, items: Any, name: str) -> tuple[list[list[int]], bool]:
         """(token lists, whether they came from strings) from strings, int lists or an int array."""
         if isinstance(items, str):
             items = [items]
@@ -291,7 +188,7 @@ class InferenceModule:
         rows = []
         for i, item in enumerate(items):
             if is_text:
-                row = list(self.vocabulary.encode(item)) + ([self.vocabulary.eos_id] if add_eos else [])
+                row = list(self.vocabulary.encode(item))
             elif isinstance(item, (Sequence, np.ndarray)) and not isinstance(item, str):
                 row = [int(t) for t in item]
             else:
@@ -331,6 +228,20 @@ class InferenceModule:
             out[i, :len(row)] = row
         return out
 
+    def _padded(self, features: Mapping[str, Sequence[Sequence[int]]], what: str) -> dict[str, np.ndarray]:
+        """The model's feature rows as int32 arrays, each feature padded to its own length bucket.
+
+        `what` names request row i in errors, e.g. "tokens[{i}]".
+        """
+        for name, rows in features.items():
+            for i, row in enumerate(rows):
+                if len(row) > self.max_length:
+                    raise ValueError(f"{what.format(i=i)} make a {name} row of {len(row)} tokens, more than "
+                                     f"max_length={self.max_length}")
+        rows_per_feature = list(features.values())
+        batch, *lengths = self._buckets(len(rows_per_feature[0]), *(max(map(len, r)) for r in rows_per_feature))
+        return {name: self._pad(rows, (batch, length)) for (name, rows), length in zip(features.items(), lengths)}
+
     def _eos(self, eos_id: int | None) -> int:
         if eos_id is None:
             return int(self.vocabulary.eos_id) if self._vocabulary is not None else 1
@@ -357,17 +268,13 @@ class InferenceModule:
         if method == "sample":
             decoding.check_sampling_args(temperature, top_k, top_p)
         eos_id = self._eos(eos_id)
-        rows, is_text = self._tokenize(prompts, "prompts", add_eos=self.is_encoder_decoder)
-        if self.bos_id is not None:
-            rows = [[self.bos_id] + r for r in rows]
-        if max_new_tokens > self.max_length:
-            raise ValueError(f"max_new_tokens={max_new_tokens} is more than max_length={self.max_length}")
+        rows, is_text = self._tokenize(prompts, "prompts")
+        text_eos = self.vocabulary.eos_id if is_text else None
+        rows = [self.model.prompt_tokens(row, bos_id=self.bos_id, eos_id=text_eos) for row in rows]
         for i, row in enumerate(rows):
-            if not row and not self.is_encoder_decoder:
-                raise ValueError(f"prompts[{i}] is empty (a decoder-only prompt needs a token; set bos_id)")
-            if self.is_encoder_decoder and len(row) > self.max_length:
-                raise ValueError(f"prompts[{i}] has {len(row)} tokens, more than max_length={self.max_length}")
-            if not self.is_encoder_decoder and len(row) + max_new_tokens > self.max_length:
+            if not row:
+                raise ValueError(f"prompts[{i}] is empty (give it a token, or set bos_id)")
+            if len(row) + max_new_tokens > self.max_length:
                 raise ValueError(
                     f"prompts[{i}] has {len(row)} tokens; with max_new_tokens={max_new_tokens} it needs "
                     f"{len(row) + max_new_tokens} positions, more than max_length={self.max_length}")
@@ -397,34 +304,13 @@ class InferenceModule:
             result.texts = [self.vocabulary.decode(row) for row in result.tokens]
         return result
 
-    def _prefill(self, params, tokens, lengths, max_new_tokens):
-        """(first-token logits [B, V], cache, tokens_to_logits) after feeding the prompts."""
-        cfg = self.model.config
-        batch, length = tokens.shape
-        if self.is_encoder_decoder:
-            encoded = encoder_decoder.encode(cfg, params, tokens)
-            cache = encoder_decoder.init_cache(cfg, batch, length, max_new_tokens)
-            start = jnp.zeros((batch, 1), jnp.int32)
-            logits, cache = encoder_decoder.decode_step(cfg, params, cache, start, encoded=encoded,
-                                                        encoder_input_tokens=tokens)
-            initial = logits[:, 0]
-            step_fn = encoder_decoder.decode_step
-        else:
-            cache = decoder_only.init_cache(cfg, batch, length + max_new_tokens)
-            logits, cache = decoder_only.decode_step(cfg, params, cache, tokens, lengths)
-            initial = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-            step_fn = decoder_only.decode_step
-
-        def tokens_to_logits(step_tokens, state):
-            step_logits, state = step_fn(cfg, params, state, step_tokens[:, None])
-            return step_logits[:, 0].astype(jnp.float32), state
-
-        return initial.astype(jnp.float32), cache, tokens_to_logits
-
     def _generate_fn(self, params, tokens, lengths, key_data, temperature, top_p, length_penalty, *, method,
                      max_new_tokens, top_k, num_beams, num_decodes, eos_id):
         self.trace_counts["generate"] += 1
-        initial, cache, tokens_to_logits = self._prefill(params, tokens, lengths, max_new_tokens)
+        batch, prompt_length = tokens.shape
+        cache = self.model.init_cache(batch, prompt_length + max_new_tokens, prompt_length)
+        initial, cache = self.model.prefill(params, tokens, lengths, cache)
+        tokens_to_logits = functools.partial(self.model.decode_step, params)
         if method == "beam":
             return beam_lib.beam_search(initial, cache, tokens_to_logits, max_new_tokens=max_new_tokens,
                                         eos_id=eos_id, num_beams=num_beams, length_penalty=length_penalty)
@@ -439,42 +325,18 @@ class InferenceModule:
 
         Strings are tokenized without EOS (encoder inputs of encoder-decoders get EOS); pass token lists
         to control exactly what is scored. Decoder-only rows are [bos] + input + target with loss weight
-        on the target tokens only; an input may be empty.
+        on the target tokens only; an input may be empty. Rows come from `model.score_features`.
         """
-        in_rows, _ = self._tokenize(inputs, "inputs", add_eos=self.is_encoder_decoder)
+        in_rows, in_text = self._tokenize(inputs, "inputs")
         tgt_rows, _ = self._tokenize(targets, "targets")
         if len(in_rows) != len(tgt_rows):
             raise ValueError(f"got {len(in_rows)} inputs but {len(tgt_rows)} targets")
-        n = len(tgt_rows)
-        if self.is_encoder_decoder:
-            for i, (x, y) in enumerate(zip(in_rows, tgt_rows)):
-                if max(len(x), len(y)) > self.max_length:
-                    raise ValueError(f"inputs[{i}] / targets[{i}] are longer than max_length={self.max_length}")
-            batch, enc_len, dec_len = self._buckets(n, max(map(len, in_rows)), max(map(len, tgt_rows)))
-            arrays = {"encoder_input_tokens": self._pad(in_rows, (batch, enc_len)),
-                      "decoder_input_tokens": self._pad([[0] + y[:-1] for y in tgt_rows], (batch, dec_len)),
-                      "decoder_target_tokens": self._pad(tgt_rows, (batch, dec_len)),
-                      "decoder_loss_weights": self._pad([[1] * len(y) for y in tgt_rows], (batch, dec_len))}
-        else:
-            prefix = [] if self.bos_id is None else [self.bos_id]
-            seqs, weights = [], []
-            for i, (x, y) in enumerate(zip(in_rows, tgt_rows)):
-                seq = prefix + x + y
-                if y and len(prefix + x) == 0:
-                    raise ValueError(f"targets[{i}]: the first token of a sequence cannot be scored without an "
-                                     "input or bos_id")
-                if len(seq) - 1 > self.max_length:
-                    raise ValueError(f"inputs[{i}] + targets[{i}] have {len(seq) - 1} positions, more than "
-                                     f"max_length={self.max_length}")
-                seqs.append(seq)
-                weights.append([0] * (len(prefix + x) - 1) + [1] * len(y))
-            batch, length = self._buckets(n, max(max(len(s) - 1 for s in seqs), 1))
-            arrays = {"decoder_input_tokens": self._pad([s[:-1] for s in seqs], (batch, length)),
-                      "decoder_target_tokens": self._pad([s[1:] for s in seqs], (batch, length)),
-                      "decoder_loss_weights": self._pad(weights, (batch, length))}
+        features = self.model.score_features(in_rows, tgt_rows, bos_id=self.bos_id,
+                                             eos_id=self.vocabulary.eos_id if in_text else None)
+        arrays = self._padded(features, "inputs[{i}] / targets[{i}]")
         with self.partitioner.context():
             scores = self._score_jit(self.params, {k: self._put(v) for k, v in arrays.items()})
-        return self._fetch(scores)[:n]
+        return self._fetch(scores)[:len(tgt_rows)]
 
     def _score_fn(self, params, batch):
         self.trace_counts["score"] += 1
@@ -483,28 +345,18 @@ class InferenceModule:
     def logits(self, tokens: Tokens, decoder_tokens: Tokens | None = None) -> np.ndarray:
         """float32 logits [B, L, V] of int tokens [B, L] (as given: no BOS added).
 
-        Encoder-decoder models take the encoder tokens and `decoder_tokens` [B, Ld] (-> [B, Ld, V]).
+        Encoder-decoder models take the encoder tokens and `decoder_tokens` [B, Ld] (-> [B, Ld, V]);
+        `model.logits_features` says which the model needs.
         """
         rows, _ = self._tokenize(np.asarray(tokens), "tokens")
-        batch_len = len(rows[0])
-        if self.is_encoder_decoder:
-            if decoder_tokens is None:
-                raise ValueError("logits() of an encoder-decoder model needs decoder_tokens [B, Ld]")
+        dec_rows = None
+        if decoder_tokens is not None:
             dec_rows, _ = self._tokenize(np.asarray(decoder_tokens), "decoder_tokens")
             if len(dec_rows) != len(rows):
                 raise ValueError(f"tokens has {len(rows)} rows but decoder_tokens {len(dec_rows)}")
-            out_len = len(dec_rows[0])
-            batch, enc_len, dec_len = self._buckets(len(rows), batch_len, out_len)
-            arrays = {"encoder_input_tokens": self._pad(rows, (batch, enc_len)),
-                      "decoder_input_tokens": self._pad(dec_rows, (batch, dec_len))}
-        else:
-            if decoder_tokens is not None:
-                raise ValueError("decoder_tokens is only for encoder-decoder models")
-            if batch_len > self.max_length:
-                raise ValueError(f"tokens have length {batch_len}, more than max_length={self.max_length}")
-            out_len = batch_len
-            batch, length = self._buckets(len(rows), batch_len)
-            arrays = {"decoder_input_tokens": self._pad(rows, (batch, length))}
+        features = self.model.logits_features(rows, dec_rows)
+        out_len = len(features["decoder_input_tokens"][0])
+        arrays = self._padded(features, "tokens[{i}]")
         with self.partitioner.context():
             logits = self._logits_jit(self.params, {k: self._put(v) for k, v in arrays.items()})
         return self._fetch(logits)[:len(rows), :out_len]

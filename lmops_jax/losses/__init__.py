@@ -1,11 +1,8 @@
-"""Losses: token cross-entropy and distillation divergences (`token_losses`, whose public functions are
-re-exported here, e.g. `losses.kd_loss`) and their vocabulary-parallel forms under shard_map
-(`vocab_parallel`)."""
-from lmops_jax.losses.token_losses import (KD_KINDS, cross_entropy_with_logits, distillation_loss,
-                                           divergence_from_log_probs, kd_loss, kd_loss_from_topk, kd_token_loss,
-                                           kd_token_loss_from_topk, resolve_schedule, topk_teacher_logprobs,
-                                           weighted_mean)
+"""Losses: per-token cross-entropy, distillation divergences and argmax written once (`token_losses`,
+whose public names are re-exported here, e.g. `losses.kd_loss`, `losses.TokenLosses`), and the same
+losses per vocabulary shard under shard_map (`vocab_parallel.VocabParallelTokenLosses`)."""
+from lmops_jax.losses.token_losses import (KD_KINDS, TokenLosses, check_kd_args, cross_entropy_with_logits, kd_loss,
+                                           resolve_schedule, topk_teacher_logprobs)
 
-__all__ = ["KD_KINDS", "cross_entropy_with_logits", "distillation_loss", "divergence_from_log_probs", "kd_loss",
-           "kd_loss_from_topk", "kd_token_loss", "kd_token_loss_from_topk", "resolve_schedule",
-           "topk_teacher_logprobs", "weighted_mean"]
+__all__ = ["KD_KINDS", "TokenLosses", "check_kd_args", "cross_entropy_with_logits", "kd_loss", "resolve_schedule",
+           "topk_teacher_logprobs"]

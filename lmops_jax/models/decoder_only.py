@@ -13,18 +13,19 @@ Parameter names and layouts follow Hugging Face `LlamaForCausalLM` one-to-one, t
 
 KV-cache decoding (`decode=True`, apply with `mutable=["cache"]`): the `cache` collection holds
 `cache_index` int32 [B], the number of positions written so far per example, and in every layer
-`self_attn/cached_key` / `cached_value` [B, K, Dh, S] (see `layers.Attention`). A call with tokens
-[B, L] places them at positions cache_index + 0..L-1 and advances cache_index by `lengths` [B] (default
-L). Ragged prompts are right-padded: the prefill passes the padded prompts with their true lengths,
-so each example's next token goes right after its own last real token (its padding slots are
-overwritten before they could be attended to). `init_cache`, `decode_step` wrap this.
+`self_attn/cached_key` / `cached_value` [B, K, Dh, S] (see `layers.Attention`); every leaf has the row
+first and is created boxed with its logical axes. A call with tokens [B, L] places them at positions
+cache_index + 0..L-1 and advances cache_index by `lengths` [B] (default L). Ragged prompts are
+right-padded: the prefill passes the padded prompts with their true lengths, so each example's next
+token goes right after its own last real token (its padding slots are overwritten before they could be
+attended to). `model.DecoderOnlyModel` exposes this as the decode API (`init_cache`, `prefill`,
+`decode_step`).
 """
 from __future__ import annotations
 
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from lmops_jax.models import layers
@@ -99,7 +100,7 @@ class LlamaDecoder(nn.Module):
             if positions is not None or segment_ids is not None:
                 raise ValueError("LlamaDecoder(decode=True) takes no positions or segment_ids: positions come "
                                  "from the cache and packed rows cannot be decoded")
-            index = self.variable("cache", "cache_index", lambda: jnp.zeros((batch,), jnp.int32))
+            index = self.variable("cache", "cache_index", layers.zeros_with_axes(("batch",)), (batch,), jnp.int32)
             positions = index.value[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
             index.value = index.value + (length if lengths is None else jnp.asarray(lengths, jnp.int32))
         elif lengths is not None:
@@ -125,26 +126,6 @@ class LlamaDecoder(nn.Module):
             logits = layers.DenseGeneral((cfg.d_model,), (cfg.vocab_size,), ("embed",), ("vocab",), dtype,
                                          param_dtype, name="lm_head")(x)
         return layers.constrain(logits, ("batch", "length", "act_vocab"))
-
-
-def init_cache(cfg: LlamaConfig, batch_size: int, cache_length: int) -> dict:
-    """An empty KV cache (zeros, cache_index 0) for `batch_size` rows of up to `cache_length` positions."""
-    def shapes():
-        tokens = jnp.zeros((batch_size, cache_length), jnp.int32)
-        return LlamaDecoder(cfg).init(jax.random.key(0), tokens, decode=True)["cache"]
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(shapes))
-
-
-def decode_step(cfg: LlamaConfig, params, cache: dict, tokens: jax.Array,
-                lengths: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """Feeds tokens [B, L] through the cache: (logits [B, L, V], updated cache).
-
-    A prefill passes the right-padded prompts and their `lengths` [B]; a generation step passes one
-    token per row (L = 1).
-    """
-    logits, variables = LlamaDecoder(cfg).apply({"params": params, "cache": cache}, tokens, decode=True,
-                                                lengths=lengths, mutable=["cache"])
-    return logits, variables["cache"]
 
 
 def matmul_params_per_token(cfg: LlamaConfig) -> int:

@@ -30,15 +30,17 @@ relative positions are taken from the given positions, so a packed row scores ea
 as it would alone. Without segment ids, encoder token 0 is padding (masked as a key); decoder inputs
 are never masked by id because 0 is also T5's decoder start token.
 
-KV-cache decoding (`T5EncoderDecoder.decode(..., decode=True)`, apply with `mutable=["cache"]`): the
-encoder runs once; the first decode call (the prefill) gets its outputs and stores, per decoder layer,
-the cross-attention keys/values `cross_attn/cached_key|cached_value` [B, H, Dh, Le], and in
+KV-cache decoding (`T5EncoderDecoder(..., decode=True)`, apply with `mutable=["cache"]`): the encoder
+runs once; the first call (the prefill) gets the encoder tokens, encodes them and stores, per decoder
+layer, the cross-attention keys/values `cross_attn/cached_key|cached_value` [B, H, Dh, Le], and in
 `decoder/encoder_valid` [B, Le] which encoder positions are real tokens; later calls pass
-`encoded=None` and reuse them. The decoder self-attention caches `self_attn/cached_key|cached_value`
-[B, H, Dh, S] with `decoder/cache_index` [B] (positions written per example), exactly as in
-`decoder_only`: right-padded ragged decoder prefixes pass their `decoder_lengths`. The causal relative
-position bias is computed over the cache slots from those positions. `init_cache`, `encode` and
-`decode_step` wrap this.
+`encoder_input_tokens=None` and reuse them. The decoder self-attention caches
+`self_attn/cached_key|cached_value` [B, H, Dh, S] with `decoder/cache_index` [B] (positions written per
+example), exactly as in `decoder_only`: right-padded ragged decoder prefixes pass their
+`decoder_lengths`. The causal relative position bias is computed over the cache slots from those
+positions. Every cache leaf has the row first and is created boxed with its logical axes. Decoding goes
+through `__call__`, the method that qwix (LoRA, quantization) intercepts; `model.EncoderDecoderModel`
+exposes it as the decode API (`init_cache`, `prefill`, `decode_step`).
 """
 from __future__ import annotations
 
@@ -209,13 +211,14 @@ class T5Decoder(nn.Module):
     def _decode(self, y, encoded, lengths, encoder_valid):
         cfg = self.config
         batch, length = y.shape[:2]
-        index = self.variable("cache", "cache_index", lambda: jnp.zeros((batch,), jnp.int32))
+        index = self.variable("cache", "cache_index", layers.zeros_with_axes(("batch",)), (batch,), jnp.int32)
         positions = index.value[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
         index.value = index.value + (length if lengths is None else jnp.asarray(lengths, jnp.int32))
         if encoded is not None:
             if encoder_valid is None:
                 raise ValueError("T5Decoder(decode=True): the prefill needs encoder_valid [B, Le] with encoded")
-            valid = self.variable("cache", "encoder_valid", jnp.zeros, encoder_valid.shape, jnp.bool_)
+            valid = self.variable("cache", "encoder_valid", layers.zeros_with_axes(("batch", None)),
+                                  encoder_valid.shape, jnp.bool_)
             valid.value = encoder_valid.astype(jnp.bool_)
         elif not self.has_variable("cache", "encoder_valid"):
             raise ValueError("T5Decoder(decode=True): the first (prefill) call must pass the encoder outputs")
@@ -231,8 +234,8 @@ class T5Decoder(nn.Module):
 class T5EncoderDecoder(nn.Module):
     """T5 1.1 encoder-decoder: (encoder tokens [B, Le], decoder input tokens [B, Ld]) -> logits [B, Ld, V].
 
-    `encode` and `decode` can be applied separately (`module.apply(vars, ..., method="encode")`), e.g.
-    to encode once and decode step by step.
+    `__call__(..., decode=True)` decodes step by step over the KV cache (module docstring); `encode` and
+    `decode` are its two halves.
     """
 
     config: T5Config
@@ -302,44 +305,25 @@ class T5EncoderDecoder(nn.Module):
         y = self.decoder(y, encoded, self_mask, cross_mask, decoder_positions)
         return layers.constrain(self.lm_head(y), ("batch", "length", "act_vocab"))
 
-    def __call__(self, encoder_input_tokens: jax.Array, decoder_input_tokens: jax.Array,
+    def __call__(self, encoder_input_tokens: jax.Array | None, decoder_input_tokens: jax.Array,
                  encoder_segment_ids: jax.Array | None = None, decoder_segment_ids: jax.Array | None = None,
-                 encoder_positions: jax.Array | None = None,
-                 decoder_positions: jax.Array | None = None) -> jax.Array:
-        """Teacher-forced logits [B, Ld, V] (compute dtype)."""
+                 encoder_positions: jax.Array | None = None, decoder_positions: jax.Array | None = None, *,
+                 decode: bool = False, decoder_lengths: jax.Array | None = None) -> jax.Array:
+        """Teacher-forced logits [B, Ld, V] (compute dtype).
+
+        With `decode=True` (module docstring) the prefill passes the encoder tokens [B, Le] (0 =
+        padding), later steps None; `decoder_lengths` [B] count the real tokens of each right-padded row
+        of decoder_input_tokens.
+        """
+        if decode:
+            if encoder_positions is not None:
+                raise ValueError("T5EncoderDecoder(decode=True) takes no encoder_positions: rows are not packed")
+            encoded = None if encoder_input_tokens is None else self.encode(encoder_input_tokens)
+            return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
+                               decoder_segment_ids, decoder_positions, decode=True, decoder_lengths=decoder_lengths)
         encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions)
         return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
                            decoder_segment_ids, decoder_positions)
-
-
-def init_cache(cfg: T5Config, batch_size: int, encoder_length: int, cache_length: int) -> dict:
-    """An empty decoding cache for `batch_size` rows: encoder inputs of `encoder_length` tokens and up
-    to `cache_length` decoder positions."""
-    def shapes():
-        enc = jnp.ones((batch_size, encoder_length), jnp.int32)
-        dec = jnp.zeros((batch_size, cache_length), jnp.int32)
-        return T5EncoderDecoder(cfg).init(
-            jax.random.key(0), enc, dec, method=lambda m, e, d: m.decode(m.encode(e), e, d, decode=True))["cache"]
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(shapes))
-
-
-def encode(cfg: T5Config, params, encoder_input_tokens: jax.Array) -> jax.Array:
-    """encoder_input_tokens [B, Le] (0 = padding) -> encoded [B, Le, D]."""
-    return T5EncoderDecoder(cfg).apply({"params": params}, encoder_input_tokens, method="encode")
-
-
-def decode_step(cfg: T5Config, params, cache: dict, decoder_tokens: jax.Array, *, encoded: jax.Array | None = None,
-                encoder_input_tokens: jax.Array | None = None,
-                lengths: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """Feeds decoder tokens [B, L] through the cache: (logits [B, L, V], updated cache).
-
-    The prefill passes `encoded` [B, Le, D] and `encoder_input_tokens` [B, Le] (stored in the cache)
-    and the right-padded decoder prefixes with their `lengths` [B]; later steps one token per row.
-    """
-    logits, variables = T5EncoderDecoder(cfg).apply(
-        {"params": params, "cache": cache}, encoded, encoder_input_tokens, decoder_tokens, decode=True,
-        decoder_lengths=lengths, method="decode", mutable=["cache"])
-    return logits, variables["cache"]
 
 
 def scale_query_init(params, head_dim: int):

@@ -168,6 +168,9 @@ def make_attention_mask(
     return None if mask is None else mask[:, None, :, :]
 
 
+KV_CACHE_AXES = ("batch", "act_kv_heads", None, None)  # logical axes of a [B, K, Dh, S] key/value cache
+
+
 def dot_product_attention(
     query: jax.Array,
     key: jax.Array,
@@ -175,64 +178,46 @@ def dot_product_attention(
     mask: jax.Array | None,
     bias: jax.Array | None = None,
     scale: float | None = None,
+    *,
+    kv_layout: str = "bskd",
 ) -> jax.Array:
-    """Grouped-query attention. query [B, L, H, Dh], key/value [B, S, K, Dh] with H % K == 0.
+    """Grouped-query attention. query [B, L, H, Dh]; key/value [B, S, K, Dh] (`kv_layout="bskd"`, training)
+    or [B, K, Dh, S] (`"bkds"`, the KV cache), with H % K == 0.
 
-    Scores and softmax in float32. mask: bool [B|1, 1, L, S]; bias: [B|1, H, L, S]. Returns [B, L, H, Dh].
+    Scores and softmax in float32. mask: bool [B|1, 1|H, L, S]; bias: [B|1, H, L, S]. Returns [B, L, H, Dh].
+    [K, Dh, S] is the operand layout XLA:CPU's batched matmul takes for both products (scores and
+    values), so the cache is multiplied where it lies, the cache operand first: with [B, S, K, Dh] XLA
+    would transpose the whole cache of every layer at every decoding step. The operand order of each
+    einsum is part of its speed (it decides which operand XLA transposes), so each layout keeps its own.
     """
+    if kv_layout not in ("bskd", "bkds"):
+        raise ValueError(f"kv_layout must be 'bskd' or 'bkds', got {kv_layout!r}")
     b, q_len, num_heads, head_dim = query.shape
-    num_kv = key.shape[2]
+    num_kv, key_len = key.shape[kv_layout.index("k")], key.shape[kv_layout.index("s")]
     if num_heads % num_kv:
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv}")
     groups = num_heads // num_kv
     if scale is None:
         scale = head_dim ** -0.5
     q = query.reshape(b, q_len, num_kv, groups, head_dim)
-    scores = jnp.einsum("blkgd,bskd->bkgls", q, key, preferred_element_type=jnp.float32) * scale
-    scores = scores.reshape(b, num_heads, q_len, key.shape[1])
+    if kv_layout == "bkds":
+        scores = jnp.einsum("bkds,blkgd->bkgls", key, q, preferred_element_type=jnp.float32)
+    else:
+        scores = jnp.einsum("blkgd,bskd->bkgls", q, key, preferred_element_type=jnp.float32)
+    scores = (scores * scale).reshape(b, num_heads, q_len, key_len)
     if bias is not None:
         scores = scores + bias.astype(jnp.float32)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
-    probs = probs.reshape(b, num_kv, groups, q_len, key.shape[1])
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, value)
+    probs = probs.reshape(b, num_kv, groups, q_len, key_len)
+    out = jnp.einsum(f"bkgls,{kv_layout}->blkgd", probs, value)
     return out.reshape(b, q_len, num_heads, head_dim)
 
 
-def cached_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    mask: jax.Array | None,
-    bias: jax.Array | None = None,
-    scale: float | None = None,
-) -> jax.Array:
-    """`dot_product_attention` over a KV cache laid out [B, K, Dh, S] (positions last).
-
-    query [B, L, H, Dh]; key / value [B, K, Dh, S]; mask [B|1, 1|H, L, S]; bias [B|1, H, L, S]; returns
-    [B, L, H, Dh]. [K, Dh, S] is the operand layout XLA:CPU's batched matmul takes for both products
-    (scores and values), so the cache is multiplied where it lies: with [B, S, K, Dh] XLA transposes
-    the whole cache of every layer at every decoding step.
-    """
-    b, q_len, num_heads, head_dim = query.shape
-    num_kv, cache_len = key.shape[1], key.shape[3]
-    if num_heads % num_kv:
-        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv}")
-    groups = num_heads // num_kv
-    if scale is None:
-        scale = head_dim ** -0.5
-    q = query.reshape(b, q_len, num_kv, groups, head_dim)
-    scores = jnp.einsum("bkds,blkgd->bkgls", key, q, preferred_element_type=jnp.float32) * scale
-    scores = scores.reshape(b, num_heads, q_len, cache_len)
-    if bias is not None:
-        scores = scores + bias.astype(jnp.float32)
-    if mask is not None:
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
-    probs = probs.reshape(b, num_kv, groups, q_len, cache_len)
-    out = jnp.einsum("bkgls,bkds->blkgd", probs, value)
-    return out.reshape(b, q_len, num_heads, head_dim)
+def zeros_with_axes(axes: Sequence[str | None]) -> Callable[[Sequence[int], Dtype], Any]:
+    """An initializer (shape, dtype) -> zeros boxed with logical `axes`: how cache variables are created."""
+    return nn.with_logical_partitioning(jnp.zeros, tuple(axes))
 
 
 class Attention(nn.Module):
@@ -242,7 +227,8 @@ class Attention(nn.Module):
     Hugging Face head split (output feature h * Dh + d) after a transpose and reshape.
 
     KV-cache decoding (`decode=True`) keeps keys and values in the flax `cache` collection (apply with
-    `mutable=["cache"]`), laid out [B, K, Dh, S] (see `cached_attention`):
+    `mutable=["cache"]`), laid out [B, K, Dh, S] (see `dot_product_attention`) with logical axes
+    `KV_CACHE_AXES` (boxed when the cache is created, so it can be sharded like the params):
 
     - self-attention: `cached_key` / `cached_value` (keys after rotary embedding). Each call writes
       its L new keys/values at the absolute positions `query_positions` [B, L] (per example, so ragged
@@ -292,7 +278,7 @@ class Attention(nn.Module):
         kv_axes = ("batch", "length", "act_kv_heads", None)
         if decode and cross_attention:
             k, v = self._cross_kv(inputs_kv, k_proj, v_proj)
-            out = cached_attention(q, k, v, mask, bias, self.scale)
+            out = dot_product_attention(q, k, v, mask, bias, self.scale, kv_layout="bkds")
         elif decode:
             if inputs_kv is not None:
                 raise ValueError("Attention(decode=True): self-attention takes no inputs_kv; pass "
@@ -305,7 +291,7 @@ class Attention(nn.Module):
                 q = rotary_embedding(q, query_positions, self.rope_theta)
                 k = rotary_embedding(k, query_positions, self.rope_theta)
             k, v, mask, bias = self._update_cache(k, v, query_positions, mask, bias_fn)
-            out = cached_attention(q, k, v, mask, bias, self.scale)
+            out = dot_product_attention(q, k, v, mask, bias, self.scale, kv_layout="bkds")
         else:
             inputs_kv = inputs_q if inputs_kv is None else inputs_kv
             k = constrain(k_proj(inputs_kv), kv_axes)
@@ -327,8 +313,8 @@ class Attention(nn.Module):
         """Writes k/v [B, L, K, Dh] at positions [B, L]; returns the cache's (k, v, mask, bias)."""
         batch, length, num_kv, head_dim = k.shape
         shape = (batch, num_kv, head_dim, length)  # at init, L is the cache length
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
+        cached_key = self.variable("cache", "cached_key", zeros_with_axes(KV_CACHE_AXES), shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", zeros_with_axes(KV_CACHE_AXES), shape, v.dtype)
         positions = positions.astype(jnp.int32)
         rows = jnp.arange(batch)[:, None, None]
         heads = jnp.arange(num_kv)[None, None, :]
@@ -343,8 +329,7 @@ class Attention(nn.Module):
         visible = (key_positions[:, None, :] <= positions[:, :, None])[:, None]  # [B, 1, L, S]
         mask = visible if mask is None else mask & visible
         bias = None if bias_fn is None else bias_fn(positions, key_positions)
-        kv_axes = ("batch", "act_kv_heads", None, None)
-        return constrain(cached_key.value, kv_axes), constrain(cached_value.value, kv_axes), mask, bias
+        return constrain(cached_key.value, KV_CACHE_AXES), constrain(cached_value.value, KV_CACHE_AXES), mask, bias
 
     def _cross_kv(self, inputs_kv, k_proj, v_proj):
         """Cross-attention keys/values: projected from inputs_kv and cached, or read from the cache."""
@@ -355,11 +340,10 @@ class Attention(nn.Module):
             cached_key = self.variable("cache", "cached_key")
             cached_value = self.variable("cache", "cached_value")
             return cached_key.value, cached_value.value
-        kv_axes = ("batch", "act_kv_heads", None, "length")
-        k = constrain(jnp.transpose(k_proj(inputs_kv), (0, 2, 3, 1)), kv_axes)  # [B, K, Dh, Le]
-        v = constrain(jnp.transpose(v_proj(inputs_kv), (0, 2, 3, 1)), kv_axes)
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        k = constrain(jnp.transpose(k_proj(inputs_kv), (0, 2, 3, 1)), KV_CACHE_AXES)  # [B, K, Dh, Le]
+        v = constrain(jnp.transpose(v_proj(inputs_kv), (0, 2, 3, 1)), KV_CACHE_AXES)
+        cached_key = self.variable("cache", "cached_key", zeros_with_axes(KV_CACHE_AXES), k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", zeros_with_axes(KV_CACHE_AXES), v.shape, v.dtype)
         cached_key.value, cached_value.value = k, v
         return k, v
 

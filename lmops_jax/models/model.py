@@ -1,19 +1,35 @@
-"""Model wrappers: what a Trainer or an InferenceModule needs from a network.
+"""Model wrappers: what a Trainer, an InferenceModule or a serving engine needs from a network.
 
 A wrapper pairs a Flax module with its batch format (the seqio feature converter that produces it) and
 exposes pure functions of (params, batch): `compute_logits`, `loss_fn`, `score_batch`. It knows
-nothing about meshes or optimizers.
+nothing about meshes, optimizers or requests.
 
 Batch format (decoder-only, from `seqio.DecoderFeatureConverter`): int32 arrays [B, L] named
 `decoder_input_tokens`, `decoder_target_tokens`, `decoder_loss_weights` and, when packed,
 `decoder_segment_ids`, `decoder_positions`. Encoder-decoder batches add `encoder_input_tokens` [B, Le]
 (and `encoder_segment_ids`, `encoder_positions` when packed).
+
+Decode API (T5X's model-wrapper contract; callers never branch on the family):
+    cache = model.init_cache(batch, max_length, prompt_length)     # zeros, boxed with logical axes
+    logits, cache = model.prefill(params, tokens, lengths, cache)  # tokens [B, P] right-padded
+    logits, cache = model.decode_step(params, next_tokens, cache)  # next_tokens [B], one per row
+Logits are float32 [B, V], predicting each row's next token. The cache is a pytree whose every leaf
+has the row first; it holds `cache_index` [B], the positions written per row, so rows decode at their
+own positions and a row can be refilled (prefill a one-row cache, write it into row i) while the
+others continue. Key/value caches are laid out [B, K, Dh, S] (`layers.dot_product_attention`).
+Decoder-only: S = max_length, the prompt's keys included. Encoder-decoder: the prompt is the encoder
+input; the cache holds its cross-attention keys/values [B, H, Dh, Le = prompt_length] and padding mask
+`encoder_valid` [B, Le] (the encoder runs once, in prefill) and decoder keys/values
+[B, H, Dh, S = max_length - prompt_length]; prefill feeds the decoder start token.
+
+Request formats (`prompt_tokens`, `score_features`, `logits_features`) turn token lists into the rows
+that prefill, `score_batch` and `compute_logits` take, so InferenceModule needs no family branches.
 """
 from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -24,10 +40,15 @@ from lmops_jax.models import decoder_only, encoder_decoder
 
 Batch = Mapping[str, jax.Array]
 Params = Any
+Cache = Any  # pytree of arrays, each [B, ...]: see `BaseModel.init_cache`
+Rows = list[list[int]]
+DECODER_START_ID = 0  # seqio shifts decoder targets right with 0: the token before every target
 
 
 class BaseModel(abc.ABC):
-    """Shared loss and scoring on top of `compute_logits`. Subclasses are frozen dataclasses."""
+    """Shared loss and scoring on top of `compute_logits`, plus the decode API. Subclasses are frozen
+    dataclasses. Their methods reach the network only through `self.module` (and plain functions), so
+    a wrapper that swaps the module (LoRA, `peft.LoraModel`) reuses them unchanged."""
 
     z_loss: float = 0.0
     label_smoothing: float = 0.0
@@ -74,6 +95,60 @@ class BaseModel(abc.ABC):
         returned as the same object, unless a subclass keeps a subset."""
         return params
 
+    @property
+    def max_length(self) -> int | None:
+        """Most positions a sequence may have (e.g. a trained context length); None: no limit."""
+        return None
+
+    # Decode API (module docstring).
+    @abc.abstractmethod
+    def init_cache(self, batch: int, max_length: int, prompt_length: int | None = None) -> Cache:
+        """An empty decoding cache (zeros, every row at position 0) for `batch` rows.
+
+        max_length: the most tokens of a row, prompt + generated; prompt_length: the longest prompt
+        `prefill` will get (subclasses give the shapes). Leaves are `nn.Partitioned` boxes naming
+        their logical axes, as `init_params` returns them: `partitioner.shardings_of_boxed(
+        jax.eval_shape(lambda: model.init_cache(...)))` shards them, `nn.meta.unbox` gives the arrays.
+        """
+
+    @abc.abstractmethod
+    def prefill(self, params: Params, tokens: jax.Array, lengths: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+        """Feeds the prompts: (float32 logits [B, V] predicting each row's first new token, cache).
+
+        tokens: int32 [B, P], rows from `prompt_tokens`, right-padded; lengths: int32 [B] >= 1, the real
+        tokens of each row; cache: from `init_cache` (boxed or not), written from each row's
+        cache_index (0 when fresh). Jittable.
+        """
+
+    @abc.abstractmethod
+    def decode_step(self, params: Params, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+        """Feeds one token per row, int32 [B], at each row's own position: (float32 logits [B, V], cache)."""
+
+    # Request formats: token lists -> unpadded rows (module docstring).
+    @abc.abstractmethod
+    def prompt_tokens(self, prompt: Sequence[int], *, bos_id: int | None = None,
+                      eos_id: int | None = None) -> list[int]:
+        """The row `prefill` takes for a prompt.
+
+        bos_id: the start token a decoder-only model reads before its sequence; eos_id: the end token
+        an encoder input gets (seqio tasks end text inputs with EOS). None: none. Each family uses the
+        one that applies to it.
+        """
+
+    @abc.abstractmethod
+    def score_features(self, inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], *,
+                       bos_id: int | None = None, eos_id: int | None = None) -> dict[str, Rows]:
+        """Rows of the batch `score_batch` takes to score targets[i] given inputs[i] (bos_id, eos_id as
+        for `prompt_tokens`). Rows that the model reads together (inputs, targets, weights) have
+        equal lengths; the caller pads each feature."""
+
+    @abc.abstractmethod
+    def logits_features(self, tokens: Sequence[Sequence[int]],
+                        decoder_tokens: Sequence[Sequence[int]] | None = None) -> dict[str, Rows]:
+        """Rows of the batch `compute_logits` takes; its `decoder_input_tokens` rows are where the
+        logits are. decoder_tokens: the decoder inputs of an encoder-decoder model (tokens are then
+        its encoder inputs)."""
+
     def loss_fn(
         self, params: Params, batch: Batch, rng: jax.Array | None = None, *, loss_normalizer: Any = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -115,6 +190,34 @@ class BaseModel(abc.ABC):
         return jnp.sum(token_logp * weights.astype(jnp.float32), axis=-1)
 
 
+def _init_cache(module: nn.Module, *input_shapes: tuple[int, int]) -> Cache:
+    """Zeros of the `cache` collection that `module(*int32 inputs, decode=True)` creates, still boxed."""
+    def cache():
+        inputs = [jnp.zeros(shape, jnp.int32) for shape in input_shapes]
+        return module.init(jax.random.key(0), *inputs, decode=True)["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(cache))
+
+
+def _unboxed(cache: Cache) -> Cache:
+    """The arrays of a cache (boxed or not). No sharding constraint here: the layers apply theirs."""
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, cache, is_leaf=is_box)
+
+
+def _apply_decode(module: nn.Module, params: Params, cache: Cache, *inputs: Any,
+                  **kwargs: Any) -> tuple[jax.Array, Cache]:
+    """module(*inputs, decode=True, **kwargs) over the cache: (logits [B, L, V], updated cache)."""
+    logits, variables = module.apply({"params": params, "cache": _unboxed(cache)}, *inputs, decode=True,
+                                     mutable=["cache"], **kwargs)
+    return logits, variables["cache"]
+
+
+def _check_prompt_fits(prompt_length: int, slots: int, what: str) -> None:
+    if prompt_length > slots:
+        raise ValueError(f"prefill: prompts of {prompt_length} tokens do not fit the cache's {slots} {what}; "
+                         "make the cache with a larger init_cache(..., prompt_length)")
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderOnlyModel(BaseModel):
     """A Llama-style decoder trained with next-token cross-entropy on (packed) decoder batches."""
@@ -153,6 +256,56 @@ class DecoderOnlyModel(BaseModel):
 
     def training_flops_per_token(self, task_feature_lengths):
         return decoder_only.training_flops_per_token(self.config, int(task_feature_lengths["targets"]))
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_length
+
+    def init_cache(self, batch, max_length, prompt_length=None):
+        """Per layer self-attention keys/values [B, K, Dh, S = max_length] (the prompt's too), and
+        cache_index [B]. prompt_length is only checked: the prompt shares the max_length slots."""
+        if prompt_length is not None and not 0 < prompt_length <= max_length:
+            raise ValueError(f"init_cache: prompt_length={prompt_length} must lie in [1, max_length={max_length}]")
+        return _init_cache(self.module, (batch, max_length))
+
+    def prefill(self, params, tokens, lengths, cache):
+        """Writes the right-padded prompts [B, P] (P <= S) at each row's positions; a row's padding is
+        overwritten by its next tokens before it could be attended to."""
+        cache = _unboxed(cache)
+        _check_prompt_fits(tokens.shape[1], cache["layers_0"]["self_attn"]["cached_key"].shape[3], "positions")
+        lengths = jnp.asarray(lengths, jnp.int32)
+        logits, cache = _apply_decode(self.module, params, cache, tokens, lengths=lengths)
+        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        return last.astype(jnp.float32), cache
+
+    def decode_step(self, params, tokens, cache):
+        logits, cache = _apply_decode(self.module, params, cache, tokens[:, None])
+        return logits[:, 0].astype(jnp.float32), cache
+
+    def prompt_tokens(self, prompt, *, bos_id=None, eos_id=None):
+        """[bos_id] + prompt: the prompt is the start of the sequence the model continues."""
+        return ([] if bos_id is None else [bos_id]) + list(prompt)
+
+    def score_features(self, inputs, targets, *, bos_id=None, eos_id=None):
+        """One sequence [bos] + input + target per row, shifted by one; loss weight on the targets only."""
+        features: dict[str, Rows] = {"decoder_input_tokens": [], "decoder_target_tokens": [],
+                                     "decoder_loss_weights": []}
+        for i, (x, y) in enumerate(zip(inputs, targets)):
+            context = self.prompt_tokens(x, bos_id=bos_id)
+            if y and not context:
+                raise ValueError(f"targets[{i}]: the first token of a sequence cannot be scored without an "
+                                 "input or bos_id")
+            seq = context + list(y)
+            features["decoder_input_tokens"].append(seq[:-1])
+            features["decoder_target_tokens"].append(seq[1:])
+            features["decoder_loss_weights"].append([0] * (len(seq) - 1 - len(y)) + [1] * len(y))
+        return features
+
+    def logits_features(self, tokens, decoder_tokens=None):
+        if decoder_tokens is not None:
+            raise ValueError("decoder_tokens are only for encoder-decoder models; a decoder-only model takes "
+                             "its whole sequence as tokens")
+        return {"decoder_input_tokens": [list(row) for row in tokens]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,3 +360,47 @@ class EncoderDecoderModel(BaseModel):
         """Per target token; see `encoder_decoder.training_flops_per_token`."""
         return encoder_decoder.training_flops_per_token(
             self.config, int(task_feature_lengths["inputs"]), int(task_feature_lengths["targets"]))
+
+    def init_cache(self, batch, max_length, prompt_length=None):
+        """Encoder side, for prompts of up to Le = prompt_length tokens: per decoder layer the
+        cross-attention keys/values [B, H, Dh, Le], and `encoder_valid` [B, Le]. Decoder side: per layer
+        self-attention keys/values [B, H, Dh, S = max_length - prompt_length] (the start token and the
+        generated tokens, so S = the most tokens generated), and cache_index [B]."""
+        if prompt_length is None or not 0 < prompt_length < max_length:
+            raise ValueError(f"init_cache: an encoder-decoder cache needs prompt_length (its encoder length) in "
+                             f"[1, max_length={max_length}), got {prompt_length}")
+        return _init_cache(self.module, (batch, prompt_length), (batch, max_length - prompt_length))
+
+    def prefill(self, params, tokens, lengths, cache):
+        """tokens: the encoder inputs [B, P] (P <= Le; padded to Le), lengths: their real tokens. Encodes
+        once, keeps the cross-attention keys/values and padding mask in the cache and feeds the decoder
+        start token, so the logits predict the first target token."""
+        cache = _unboxed(cache)
+        encoder_length = cache["decoder"]["encoder_valid"].shape[1]
+        _check_prompt_fits(tokens.shape[1], encoder_length, "encoder positions")
+        tokens = jnp.pad(tokens, ((0, 0), (0, encoder_length - tokens.shape[1])))
+        real = jnp.arange(encoder_length)[None, :] < jnp.asarray(lengths, jnp.int32)[:, None]
+        start = jnp.full((tokens.shape[0], 1), DECODER_START_ID, jnp.int32)
+        logits, cache = _apply_decode(self.module, params, cache, jnp.where(real, tokens, 0), start)
+        return logits[:, 0].astype(jnp.float32), cache
+
+    def decode_step(self, params, tokens, cache):
+        logits, cache = _apply_decode(self.module, params, cache, None, tokens[:, None])
+        return logits[:, 0].astype(jnp.float32), cache
+
+    def prompt_tokens(self, prompt, *, bos_id=None, eos_id=None):
+        """prompt + [eos_id]: the encoder input (the decoder starts from DECODER_START_ID, not bos_id)."""
+        return list(prompt) + ([] if eos_id is None else [eos_id])
+
+    def score_features(self, inputs, targets, *, bos_id=None, eos_id=None):
+        """Encoder input per `prompt_tokens`; the decoder reads the target shifted right from the start token."""
+        return {"encoder_input_tokens": [self.prompt_tokens(x, eos_id=eos_id) for x in inputs],
+                "decoder_input_tokens": [([DECODER_START_ID] + list(y))[:-1] for y in targets],
+                "decoder_target_tokens": [list(y) for y in targets],
+                "decoder_loss_weights": [[1] * len(y) for y in targets]}
+
+    def logits_features(self, tokens, decoder_tokens=None):
+        if decoder_tokens is None:
+            raise ValueError("an encoder-decoder model needs decoder_tokens [B, Ld] (its decoder inputs) for logits")
+        return {"encoder_input_tokens": [list(row) for row in tokens],
+                "decoder_input_tokens": [list(row) for row in decoder_tokens]}

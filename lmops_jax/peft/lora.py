@@ -16,23 +16,29 @@ kernel's logical axes, so they shard with the same rules.
   the base model; `python -m lmops_jax.peft.lora merge ADAPTER_RUN OUT_DIR [BASE_CHECKPOINT]` writes a
   params-only checkpoint of the merged model that `InferenceModule.from_checkpoint` loads.
 Adapter dropout (qwix) applies only when `compute_logits` gets a PRNG key (training); evaluation and
-scoring (rng=None) run without it.
+scoring (rng=None) run without it. Decoding (`prefill`, `decode_step`) is the base model's decode API run
+through the adapted module, so `InferenceModule` and on-policy sampling decode with the adapters.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import math
 import re
-import sys
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmops_jax.cli import runner
+from lmops_jax.models import spec
 from lmops_jax.models.model import BaseModel
 from lmops_jax.training.train_state import overlay_params
+
+if __name__ == "__main__":  # before anything is defined or registered twice (see cli.runner.run_as_main)
+    runner.run_as_main("lmops_jax.peft.lora")
 
 LORA_A, LORA_B = "_lora_a", "_lora_b"
 TRAINABLE_PATTERNS = (r"_lora_[ab]$",)
@@ -219,6 +225,32 @@ class LoraModel(BaseModel):
             view = _ModuleSwap(self.base, self.module)
         return type(self.base).compute_logits(view, params, batch)
 
+    # Decode API and request formats: the base model's, its network run through the adapted module.
+    @property
+    def max_length(self) -> int | None:
+        return self.base.max_length
+
+    def init_cache(self, batch, max_length, prompt_length=None):
+        """The base model's cache: adapters change weights, not what is cached."""
+        return self.base.init_cache(batch, max_length, prompt_length)
+
+    def prefill(self, params, tokens, lengths, cache):
+        return type(self.base).prefill(_ModuleSwap(self.base, self.module), jax.tree.map(jnp.asarray, params),
+                                       tokens, lengths, cache)
+
+    def decode_step(self, params, tokens, cache):
+        return type(self.base).decode_step(_ModuleSwap(self.base, self.module), jax.tree.map(jnp.asarray, params),
+                                           tokens, cache)
+
+    def prompt_tokens(self, prompt, *, bos_id=None, eos_id=None):
+        return self.base.prompt_tokens(prompt, bos_id=bos_id, eos_id=eos_id)
+
+    def score_features(self, inputs, targets, *, bos_id=None, eos_id=None):
+        return self.base.score_features(inputs, targets, bos_id=bos_id, eos_id=eos_id)
+
+    def logits_features(self, tokens, decoder_tokens=None):
+        return self.base.logits_features(tokens, decoder_tokens)
+
     # Hooks the Trainer and train() use.
     @property
     def trainable_patterns(self) -> tuple[str, ...]:
@@ -231,6 +263,9 @@ class LoraModel(BaseModel):
     def merge(self, params: Mapping[str, Any]) -> dict:
         """Params of `self.base` with the adapters folded in (for inference without LoRA)."""
         return merge_lora(params, self.rank, self.alpha)
+
+
+spec.register_family("lora", LoraModel)  # so checkpoints of LoRA runs name their model (models.spec)
 
 
 class _ModuleSwap:
@@ -287,65 +322,60 @@ def lora_in_size(lora: Mapping[str, Any], key: str) -> int:
 
 
 # ----------------------------------------------------------------------------------- merge and export
-def lora_model_from_config(config_text: str, source: str) -> tuple[LoraModel, str | None]:
-    """(the LoraModel that `train` was bound to, INITIAL_CHECKPOINT_PATH or None) of a run's gin config."""
-    import gin
+def _initial_checkpoint(run_checkpoint: str) -> str | None:
+    """INITIAL_CHECKPOINT_PATH of the gin config stored with a run's checkpoint (None without one)."""
     from lmops_jax import checkpoints
-    from lmops_jax.inference.inference_module import isolated_gin
+    from lmops_jax.models import loading
 
-    with isolated_gin():
-        try:
-            gin.parse_config(config_text)
-        except Exception as e:  # gin raises many types
-            raise checkpoints.CheckpointError(f"cannot parse the gin config stored with {source}: {e}") from e
-        if "LoraModel" not in config_text:
-            raise checkpoints.CheckpointError(f"the run stored with {source} binds no LoraModel")
-        try:
-            model = gin.get_configurable(LoraModel)()
-        except Exception as e:
-            raise checkpoints.CheckpointError(f"cannot build the LoraModel of the run stored with {source}: {e}") from e
-        try:
-            initial = gin.query_parameter("INITIAL_CHECKPOINT_PATH/gin.macro.value")
-        except ValueError:
-            initial = None
-    if not isinstance(model, LoraModel):
-        raise checkpoints.CheckpointError(f"the run stored with {source} trains {type(model).__name__}, not a "
-                                          "LoraModel")
-    return model, initial if isinstance(initial, str) else None
+    text = checkpoints.read_config(run_checkpoint)
+    initial = loading.parse_gin(text, repr(run_checkpoint), lambda: loading.gin_macro("INITIAL_CHECKPOINT_PATH"))
+    return initial if isinstance(initial, str) else None
 
 
 def export_merged(adapter_checkpoint: str, output_dir: str, base_checkpoint: str | None = None) -> str:
     """Writes base + merged adapters of a LoRA run as a params-only checkpoint of the base model.
 
-    The base comes from `base_checkpoint` (default: the run's INITIAL_CHECKPOINT_PATH) and the output
-    stores the base checkpoint's gin config, so `InferenceModule.from_checkpoint(output_dir)` loads it.
+    The LoraModel comes from the run's model spec (older runs: its gin config), the base params from
+    `base_checkpoint` (default: the run's INITIAL_CHECKPOINT_PATH). The output stores the base model's
+    spec with the run's vocabulary and the base checkpoint's gin text, so
+    `InferenceModule.from_checkpoint(output_dir)` loads it.
     """
     from lmops_jax import checkpoints
-    from lmops_jax.inference import inference_module as inference
+    from lmops_jax.models import loading
     from lmops_jax.partitioning import Partitioner
 
-    model, initial = lora_model_from_config(checkpoints.read_config(adapter_checkpoint), adapter_checkpoint)
-    base_checkpoint = base_checkpoint or initial
+    run = loading.read_spec(adapter_checkpoint)
+    model = run.model
+    if not isinstance(model, LoraModel):
+        raise checkpoints.CheckpointError(f"the run stored with {adapter_checkpoint} trains "
+                                          f"{type(model).__name__}, not a LoraModel")
+    base_checkpoint = base_checkpoint or _initial_checkpoint(adapter_checkpoint)
     if not base_checkpoint:
         raise ValueError(f"the run stored with {adapter_checkpoint} names no INITIAL_CHECKPOINT_PATH; pass the "
                          "base checkpoint")
-    partitioner = Partitioner()
-    abstract, shardings = inference.param_shardings(model, partitioner)
+    abstract, shardings = loading.param_shardings(model, Partitioner())
     base = checkpoints.restore_params(base_checkpoint, base_params(abstract), base_params(shardings))
     adapters = checkpoints.restore_params(adapter_checkpoint, adapter_params(abstract), adapter_params(shardings))
     merged = jax.device_get(model.merge(overlay_params(base, adapters)))
-    return checkpoints.save_params(output_dir, merged, checkpoints.read_config(base_checkpoint))
+    merged_spec = spec.ModelSpec(model.base, run.vocabulary).to_json()
+    return checkpoints.save_params(output_dir, merged, checkpoints.read_config(base_checkpoint),
+                                   model_spec=merged_spec)
+
+
+def _merge_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapter_run", help="MODEL_DIR (or a checkpoint) of the LoRA run")
+    parser.add_argument("out_dir", help="where the merged params-only checkpoint goes")
+    parser.add_argument("base_checkpoint", nargs="?", default=None,
+                        help="the base model (default: the run's INITIAL_CHECKPOINT_PATH)")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    print(f"merged params written to {export_merged(args.adapter_run, args.out_dir, args.base_checkpoint)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) not in (3, 4) or argv[0] != "merge":
-        print("usage: python -m lmops_jax.peft.lora merge ADAPTER_RUN OUT_DIR [BASE_CHECKPOINT]", file=sys.stderr)
-        return 2
-    path = export_merged(argv[1], argv[2], argv[3] if len(argv) == 4 else None)
-    print(f"merged params written to {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    """`python -m lmops_jax.peft.lora merge ADAPTER_RUN OUT_DIR [BASE_CHECKPOINT]` through the CLI runner."""
+    merge = runner.ArgsJob("fold a LoRA run's adapters into its base model and write a plain params-only "
+                           "checkpoint", _merge_flags, _merge)
+    return runner.run("python -m lmops_jax.peft.lora", "LoRA adapters (see lmops_jax.peft.lora).", {"merge": merge},
+                      argv)

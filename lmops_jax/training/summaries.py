@@ -44,9 +44,3 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
-
-
-def read_metrics(model_dir: str) -> list[dict]:
-    """All records of `MODEL_DIR/metrics.jsonl` (for tests, scripts and notebooks)."""
-    with open(os.path.join(model_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]

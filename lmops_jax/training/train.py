@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 from typing import Any, Callable, Mapping, Sequence
 
@@ -17,8 +16,11 @@ import jax
 from lmops_jax import checkpoints
 from lmops_jax.training import flops
 from lmops_jax.cli import gin_flags as gin_utils
+from lmops_jax.cli import runner
+from lmops_jax.cli.runner import Preempted
 from lmops_jax.checkpoints import CheckpointConfig, Checkpointer
 from lmops_jax.models.model import BaseModel
+from lmops_jax.models.spec import ModelSpec, VocabularySpec
 from lmops_jax.training.optimizers import OptimizerConfig
 from lmops_jax.partitioning import Partitioner
 from lmops_jax.training.summaries import MetricsWriter
@@ -42,14 +44,18 @@ def _check_vocabulary(task_name: str, model: BaseModel) -> None:
                 f"tokens, more than the model's vocab_size={model.vocab_size}")
 
 
-class Preempted(RuntimeError):
-    """Training stopped on a signal after saving a checkpoint at `step`."""
+def _model_spec(model: BaseModel, task_name: str) -> dict | None:
+    """The model spec every checkpoint of the run stores (`models.spec`), with the task's vocabulary.
 
-    def __init__(self, step: int, signal_name: str):
-        super().__init__(f"{signal_name} received: saved a checkpoint at step {step}; run the same command "
-                         "again to resume")
-        self.step = step
-        self.signal_name = signal_name
+    A model class that no family registers gets None and a warning: its checkpoints rebuild only from gin.
+    """
+    import seqio
+    vocabulary = seqio.get_mixture_or_task(task_name).output_features["targets"].vocabulary
+    try:
+        return ModelSpec(model, VocabularySpec.describe(vocabulary, task_name)).to_json()
+    except TypeError as e:
+        logging.warning("checkpoints will hold no model spec, only the gin text: %s", e)
+        return None
 
 
 class _StopOnSignals:
@@ -144,7 +150,8 @@ def train(
       log_period: steps between metric records (the last step is always logged).
       eval_period: steps between evaluations on the validation split (0: only at the end).
       eval_steps: batches per evaluation (EVAL_STEPS).
-      peak_flops: FLOP/s of the whole job for MFU; None measures a matmul peak in this process.
+      peak_flops: FLOP/s of the whole job for MFU (PEAK_FLOPS); None: this host's matmul probe, measured
+        once and cached (`flops.job_peak_flops`).
       setup_fns: called first, e.g. gin-bound task registrations that read TEXT_FILES.
       checkpoint: when to save and what to keep (default CheckpointConfig()). A run whose MODEL_DIR
         holds checkpoints resumes from the newest readable one, data position included.
@@ -152,7 +159,8 @@ def train(
         checkpoint; step and optimizer state start fresh (INITIAL_CHECKPOINT_PATH).
       assignment_map: regex rules from checkpoint param names to model names (see checkpoints.map_names).
       init_missing_params: initialize model params absent from the initial checkpoint from scratch.
-      config_str: gin config text, written to MODEL_DIR/config.gin and into every checkpoint.
+      config_str: gin config text, written to MODEL_DIR/config.gin and into every checkpoint (every
+        checkpoint also stores the model spec, so runs from Python load without gin).
 
     SIGTERM or SIGINT during training saves a checkpoint at the current step, waits for it, and raises
     `Preempted`; running the same command again resumes with no step lost.
@@ -168,18 +176,16 @@ def train(
     optimizer = optimizer or OptimizerConfig()
     task_feature_lengths = dict(task_feature_lengths)
     converter = model.feature_converter_cls(pack=pack)
-    batch_sharding = partitioner.data_sharding()
 
-    def batches(split: str, shuffle: bool, data_seed: int):
-        def dataset_fn():
-            return pipeline.get_dataset(
-                mixture_or_task_name, task_feature_lengths, converter, global_batch_size=batch_size,
-                split=split, shuffle=shuffle, seed=data_seed)
-        return pipeline.GlobalBatchIterator(dataset_fn, batch_sharding)
+    def batches(split: str, shuffle: bool, data_seed: int) -> pipeline.GlobalBatchIterator:
+        return pipeline.batch_stream(mixture_or_task_name, task_feature_lengths, converter,
+                                     global_batch_size=batch_size, sharding=partitioner.data_sharding(), split=split,
+                                     shuffle=shuffle, seed=data_seed)
 
     train_batches = batches("train", True, seed)  # fails here, before any compile, on an unknown task
     eval_batches_fn = lambda: batches("validation", False, 0)  # noqa: E731  same batches every time
     _check_vocabulary(mixture_or_task_name, model)
+    model_spec = _model_spec(model, mixture_or_task_name)
     trainer = trainer_cls(model=model, partitioner=partitioner, optimizer=optimizer, num_train_steps=train_steps,
                           batch_size=batch_size, task_feature_lengths=task_feature_lengths,
                           num_microbatches=num_microbatches, seed=seed)
@@ -196,10 +202,10 @@ def train(
     logging.info("%s: %s parameters (%s trainable); mesh %s; rules %s", start, f"{param_count(state.params):,}",
                  f"{trainer.optimizer.trainable_count(state.params):,}",
                  partitioner.axis_sizes, partitioner.rules)
-    if peak_flops is None:
-        compute_dtype = getattr(getattr(model, "config", None), "dtype", "float32")
-        peak_flops = flops.host_peak_flops(compute_dtype)
-        logging.info("measured matmul peak: %.3g FLOP/s (%s)", peak_flops, compute_dtype)
+    compute_dtype = getattr(getattr(model, "config", None), "dtype", "float32")
+    peak = flops.job_peak_flops(peak_flops, compute_dtype)
+    logging.info("peak for MFU: %.3g FLOP/s (%s, %s)", peak.flops, compute_dtype, peak.source)
+    peak_flops = peak.flops
 
     optimal_loss = tasks.known_optimal_loss(mixture_or_task_name, task_feature_lengths)
     if optimal_loss is not None:
@@ -207,7 +213,8 @@ def train(
                      mixture_or_task_name, optimal_loss)
 
     def save(step: int, current: TrainState, force: bool = False) -> None:
-        checkpointer.save(step, trainer.checkpoint_view(current), data_state=train_batches.get_state(), config_str=config_str, force=force)
+        checkpointer.save(step, trainer.checkpoint_view(current), data_state=train_batches.get_state(),
+                          config_str=config_str, model_spec=model_spec, force=force)
 
     def after_step(step: int, current: TrainState) -> None:
         if stop.requested:
@@ -230,48 +237,8 @@ def train(
     return trainer, state
 
 
-def initialize_distributed(args: Any) -> None:
-    """`jax.distributed.initialize` when asked: explicit flags, or `--multihost` to let JAX detect the
-    cluster (TPU pods, SLURM, Open MPI, Kubernetes). Must run before anything touches the devices."""
-    if args.coordinator_address:
-        if args.num_processes is None or args.process_id is None:
-            raise gin_utils.GinConfigError("--coordinator_address needs --num_processes and --process_id")
-        if args.cpu_collectives:
-            jax.config.update("jax_cpu_collectives_implementation", args.cpu_collectives)
-        jax.distributed.initialize(args.coordinator_address, num_processes=args.num_processes,
-                                   process_id=args.process_id)
-    elif args.multihost:
-        jax.distributed.initialize()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: parse gin flags, then call the gin-configured `train`.
-
-    Exit codes: 2 for a bad configuration, 143 / 130 after a SIGTERM / SIGINT checkpoint.
-    """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout,
-                        force=True)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and seqio log every file operation at INFO
-    import gin
-
-    # Under `python -m` this file runs as __main__; gin registered the importable module's function.
-    from lmops_jax.training import train as train_module
-
-    try:
-        args = gin_utils.parse_flags(sys.argv[1:] if argv is None else argv)
-        initialize_distributed(args)
-        gin_utils.parse(args.gin_file, args.gin_bindings, args.gin_search_paths.split(","))
-        try:
-            configured_train = gin.get_configurable(train_module.train)
-        except ValueError as e:
-            raise gin_utils.GinConfigError(
-                "the gin files bind nothing to lmops_jax.training.train.train; include gin_configs/runs/pretrain.gin "
-                f"or bind train.* yourself ({e})") from e
-        configured_train(config_str=gin.config_str())
-    except gin_utils.GinConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except train_module.Preempted as stopped:
-        logging.warning("%s", stopped)
-        sys.exit(143 if stopped.signal_name == "SIGTERM" else 130)
-
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lmops_jax.train`: the gin-configured `train` through the CLI runner (exit codes there)."""
+    job = runner.GinJob(train, bound_by="gin_configs/runs/pretrain.gin (or bind train.* yourself)",
+                        pass_config_str=True)
+    return runner.run("python -m lmops_jax.train", __doc__, job, argv)

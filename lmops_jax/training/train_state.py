@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lmops_jax.models import loading
 from lmops_jax.partitioning import Partitioner
 
 
@@ -58,9 +59,7 @@ def state_shardings(
     partitioner: Partitioner, tx: optax.GradientTransformation, init_params: Callable[[jax.Array], Any],
 ) -> tuple[TrainState, TrainState]:
     """(abstract unboxed state, its NamedShardings) from a boxed parameter initializer, with no FLOPs."""
-    boxed = jax.eval_shape(init_params, jax.random.key(0))
-    param_shardings = partitioner.shardings_of_boxed(boxed)
-    params = nn.meta.unbox(boxed)
+    params, param_shardings = loading.abstract_params(init_params, partitioner)
     opt_state = jax.eval_shape(tx.init, params)
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state)
     shardings = TrainState(

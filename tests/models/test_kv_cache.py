@@ -1,83 +1,199 @@
-"""KV-cache decoding: a prefill plus one-token steps gives the full-sequence logits, ragged batches too."""
+"""The decode API (`init_cache`, `prefill`, `decode_step`) of every model family, LoRA included: a prefill
+plus one-token steps gives the full-forward logits at every position of ragged rows, rows keep their own
+positions (one can be refilled while the others continue), and the cache carries its logical axes."""
+import dataclasses
+import functools
+from typing import Any
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmops_jax.models import decoder_only, encoder_decoder, model
+from lmops_jax import partitioning
+from lmops_jax.models import decoder_only, encoder_decoder, layers, model
+from lmops_jax.peft import lora
 
-llama_step = jax.jit(decoder_only.decode_step, static_argnums=0)
-t5_step = jax.jit(encoder_decoder.decode_step, static_argnums=0)
-
-
-def _llama():
-    cfg = decoder_only.LlamaConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
-    wrapper = model.DecoderOnlyModel(cfg)
-    return cfg, nn.meta.unbox(wrapper.init_params(jax.random.key(0), {"decoder_input_tokens": (1, 8)}))
-
-
-def test_llama_gqa_ragged_prefill_then_steps_match_full_logits():
-    cfg, params = _llama()
-    rng = np.random.default_rng(0)
-    seqs = [rng.integers(1, 64, 9).astype(np.int32), rng.integers(1, 64, 12).astype(np.int32)]
-    prompt_lengths = np.array([3, 6], np.int32)
-    steps = 6
-    prompts = np.zeros((2, 6), np.int32)  # right-padded ragged prompts
-    for b, n in enumerate(prompt_lengths):
-        prompts[b, :n] = seqs[b][:n]
-    cache = decoder_only.init_cache(cfg, 2, 6 + steps)
-    logits, cache = llama_step(cfg, params, cache, prompts, prompt_lengths)
-    cached = {b: [np.asarray(logits[b, :prompt_lengths[b]])] for b in range(2)}
-    for t in range(steps):
-        tokens = np.array([seqs[b][prompt_lengths[b] + t] for b in range(2)], np.int32)[:, None]
-        logits, cache = llama_step(cfg, params, cache, tokens)
-        for b in range(2):
-            cached[b].append(np.asarray(logits[b]))
-    np.testing.assert_array_equal(np.asarray(cache["cache_index"]), prompt_lengths + steps)
-    for b in range(2):
-        n = prompt_lengths[b] + steps
-        full = decoder_only.LlamaDecoder(cfg).apply({"params": params}, seqs[b][None, :n])[0]
-        np.testing.assert_allclose(np.concatenate(cached[b]), full, atol=2e-5, rtol=1e-5)
+VOCAB = 64
+LLAMA = model.DecoderOnlyModel(decoder_only.LlamaConfig(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4,
+                                                        num_kv_heads=2, mlp_dim=64))
+T5 = model.EncoderDecoderModel(encoder_decoder.T5Config(vocab_size=VOCAB, d_model=32, num_encoder_layers=1,
+                                                        num_decoder_layers=2, num_heads=2, head_dim=16, mlp_dim=64))
+MODELS = {
+    "llama": LLAMA,
+    "t5": T5,
+    "lora_llama": lora.LoraModel(LLAMA, rank=2, alpha=4.0, targets=r".*/(q_proj|v_proj|up_proj)"),
+    "lora_t5": lora.LoraModel(T5, rank=2, alpha=4.0, targets=r"(encoder|decoder)/.*/(q_proj|v_proj|up_proj)"),
+}
 
 
-def test_t5_cached_decoder_matches_full_logits_with_ragged_encoder_and_prefix():
-    cfg = encoder_decoder.T5Config(vocab_size=64, d_model=32, num_encoder_layers=1, num_decoder_layers=2,
-                                   num_heads=2, head_dim=16, mlp_dim=64)
-    wrapper = model.EncoderDecoderModel(cfg)
-    shapes = wrapper.input_shapes(1, {"inputs": 4, "targets": 4})
-    params = nn.meta.unbox(wrapper.init_params(jax.random.key(1), shapes))
-    rng = np.random.default_rng(1)
-    enc = rng.integers(1, 64, (2, 7)).astype(np.int32)
-    enc[0, 4:] = 0  # padded encoder row
-    dec = rng.integers(1, 64, (2, 7)).astype(np.int32)
-    dec[:, 0] = 0  # decoder start token
-    prefix = np.array([1, 3], np.int32)
-    steps = 4
-    prompts = np.zeros((2, 3), np.int32)
-    for b, n in enumerate(prefix):
-        prompts[b, :n] = dec[b, :n]
-    encoded = encoder_decoder.encode(cfg, params, enc)
-    cache = encoder_decoder.init_cache(cfg, 2, 7, 3 + steps)
-    logits, cache = t5_step(cfg, params, cache, prompts, encoded=encoded,
-                                                encoder_input_tokens=enc, lengths=prefix)
-    cached = {b: [np.asarray(logits[b, :prefix[b]])] for b in range(2)}
-    for t in range(steps):
-        tokens = dec[np.arange(2), prefix + t][:, None]
-        logits, cache = t5_step(cfg, params, cache, tokens)
-        for b in range(2):
-            cached[b].append(np.asarray(logits[b]))
-    full = wrapper.module.apply({"params": params}, enc, dec)
-    for b in range(2):
-        n = prefix[b] + steps
-        np.testing.assert_allclose(np.concatenate(cached[b]), full[b, :n], atol=2e-5, rtol=1e-5)
+@functools.lru_cache(maxsize=None)
+def _params(name: str) -> Any:
+    m = MODELS[name]
+    params = nn.meta.unbox(m.init_params(jax.random.key(0), m.input_shapes(1, {"inputs": 8, "targets": 8})))
+    # LoRA's B starts at zero; make the adapters change the logits.
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.full_like(x, 0.05) if "lora_b" in jax.tree_util.keystr(path) else x, params)
+
+
+@dataclasses.dataclass
+class Case:
+    """Rows of one request each: the prompt `prefill` takes, and the decoder sequence the logits run over.
+
+    The logits predicting decoder[b][first[b] + 1 + t] come from step t (t = -1: the prefill).
+    """
+    prompts: list[list[int]]
+    decoder: list[list[int]]
+    first: list[int]
+
+
+def _case(name: str, lengths: list[int], steps: int, seed: int) -> Case:
+    """Ragged prompts of `lengths` tokens and `steps` more tokens per row."""
+    rng = np.random.default_rng(seed)
+    rows = [rng.integers(2, VOCAB, n + steps).tolist() for n in lengths]
+    if "t5" in name:  # prompt -> encoder; the decoder runs over the start token and `steps` targets
+        return Case([r[:n] for r, n in zip(rows, lengths)], [[0] + r[n:] for r, n in zip(rows, lengths)],
+                    [0] * len(rows))
+    return Case([r[:n] for r, n in zip(rows, lengths)], rows, [n - 1 for n in lengths])
+
+
+def _full_logits(name: str, case: Case) -> list[np.ndarray]:
+    """The teacher-forced logits [Ld, V] of each row alone (no padding)."""
+    m, out = MODELS[name], []
+    for b in range(len(case.prompts)):
+        if "t5" in name:
+            features = m.logits_features(case.prompts[b:b + 1], case.decoder[b:b + 1])
+        else:  # the prompt is the start of the decoder sequence
+            features = m.logits_features(case.decoder[b:b + 1])
+        out.append(np.asarray(m.compute_logits(_params(name), {k: jnp.asarray(v) for k, v in features.items()}))[0])
+    return out
+
+
+def _padded(rows: list[list[int]], length: int) -> np.ndarray:
+    out = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(name: str):
+    m = MODELS[name]
+    return jax.jit(m.prefill), jax.jit(m.decode_step)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_prefill_and_steps_equal_full_forward_for_ragged_rows(name):
+    steps, prompt_len = 5, 8
+    case = _case(name, [3, 7, 1], steps, seed=1)
+    m, params = MODELS[name], _params(name)
+    prefill, step = _jitted(name)
+    # Prompts padded to 7 < prompt_len: the cache takes shorter prompts too.
+    cache = m.init_cache(3, prompt_len + steps, prompt_len)
+    logits, cache = prefill(params, _padded(case.prompts, 7), np.array([3, 7, 1], np.int32), cache)
+    got = [[np.asarray(logits[b])] for b in range(3)]
+    for t in range(steps - 1):
+        tokens = np.array([case.decoder[b][case.first[b] + 1 + t] for b in range(3)], np.int32)
+        logits, cache = step(params, tokens, cache)
+        assert logits.dtype == jnp.float32 and logits.shape == (3, VOCAB)
+        for b in range(3):
+            got[b].append(np.asarray(logits[b]))
+    for b, full in enumerate(_full_logits(name, case)):
+        np.testing.assert_allclose(np.stack(got[b]), full[case.first[b]:case.first[b] + steps], atol=3e-5, rtol=1e-5)
+    if name.startswith("lora"):  # the adapters are applied in decoding too
+        base = "t5" if "t5" in name else "llama"
+        assert not np.allclose(np.stack(got[0]), _full_logits(base, case)[0][:steps], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["llama", "t5"])
+def test_a_row_is_refilled_while_the_others_continue(name):
+    """Serving-engine use: rows keep their own positions, so one row's cache is replaced mid-decode."""
+    m, params = MODELS[name], _params(name)
+    prefill, step = _jitted(name)
+    old = _case(name, [4, 2], 8, seed=2)
+    new = _case(name, [6], 4, seed=3)
+    cache = m.init_cache(2, 16, 8)
+    logits, cache = prefill(params, _padded(old.prompts, 8), np.array([4, 2], np.int32), cache)
+    for t in range(3):  # both rows decode 3 tokens
+        logits, cache = step(params, np.array([old.decoder[b][old.first[b] + 1 + t] for b in range(2)], np.int32),
+                             cache)
+    # Refill row 1 with a new request: prefill a one-row cache and write it into row 1 (every leaf is [B, ...]).
+    one_logits, one = prefill(params, _padded(new.prompts, 8), np.array([6], np.int32), m.init_cache(1, 16, 8))
+    cache = jax.tree.map(lambda rows, row: rows.at[1].set(row[0]), cache, one)
+    got = {0: [], 1: [np.asarray(one_logits[0])]}
+    for t in range(3):
+        tokens = np.array([old.decoder[0][old.first[0] + 4 + t], new.decoder[0][new.first[0] + 1 + t]], np.int32)
+        logits, cache = step(params, tokens, cache)
+        got[0].append(np.asarray(logits[0]))
+        got[1].append(np.asarray(logits[1]))
+    full_old, full_new = _full_logits(name, old)[0], _full_logits(name, new)[0]
+    np.testing.assert_allclose(np.stack(got[0]), full_old[old.first[0] + 4:old.first[0] + 7], atol=3e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.stack(got[1]), full_new[new.first[0]:new.first[0] + 4], atol=3e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "t5"])
+def test_cache_is_boxed_with_logical_axes_and_decodes_sharded(name):
+    m, params = MODELS[name], _params(name)
+    boxed = m.init_cache(4, 12, 4)
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert all(isinstance(x, nn.Partitioned) and len(x.names) == x.value.ndim and x.names[0] == "batch"
+               for x in leaves)
+    assert all(np.all(np.asarray(x.value) == 0) for x in leaves)
+    # A [B, K, Dh, S] cache with per-row cache_index [B].
+    kv = [x for x in leaves if x.value.ndim == 4]
+    assert kv and all(x.names == ("batch", "act_kv_heads", None, None) for x in kv)
+    # Heads over `model`, rows over `data`, as a tensor-parallel serving engine would place them.
+    p = partitioning.Partitioner({"data": 2, "fsdp": 1, "model": 2}, "tp", devices=jax.devices()[:4])
+    shardings = p.shardings_of_boxed(jax.eval_shape(lambda: m.init_cache(4, 12, 4)))
+    specs = [s.spec for s in jax.tree.leaves(shardings)]
+    assert len(specs) == len(leaves)
+    for box, spec in zip(leaves, specs):
+        rows = ("data", "fsdp")
+        expected = (rows, "model") if box.value.ndim == 4 else (rows,)
+        assert spec == jax.sharding.PartitionSpec(*expected), (box.names, spec)
+    with p.context():
+        cache = jax.jit(lambda: nn.meta.unbox(m.init_cache(4, 12, 4)), out_shardings=shardings)()
+        tokens = np.arange(1, 17, dtype=np.int32).reshape(4, 4)
+        sharded, _ = jax.jit(m.prefill)(params, tokens, np.array([4, 3, 2, 1], np.int32), cache)
+    plain, _ = _jitted(name)[0](params, tokens, np.array([4, 3, 2, 1], np.int32), m.init_cache(4, 12, 4))
+    np.testing.assert_allclose(sharded, plain, atol=2e-5)
+
+
+def test_errors_name_their_cause():
+    with pytest.raises(ValueError, match="needs prompt_length"):
+        T5.init_cache(1, 8)
+    with pytest.raises(ValueError, match="prompt_length=9 must lie in"):
+        LLAMA.init_cache(1, 8, 9)
+    with pytest.raises(ValueError, match="prompts of 9 tokens do not fit the cache's 8 positions"):
+        LLAMA.prefill(_params("llama"), np.ones((1, 9), np.int32), np.array([9]), LLAMA.init_cache(1, 8))
+    with pytest.raises(ValueError, match="do not fit the cache's 4 encoder positions"):
+        T5.prefill(_params("t5"), np.ones((1, 5), np.int32), np.array([5]), T5.init_cache(1, 8, 4))
 
 
 def test_decode_mode_keeps_param_names_and_rejects_packing():
-    cfg, params = _llama()
+    params = _params("llama")
     decode_params = jax.eval_shape(
-        lambda: decoder_only.LlamaDecoder(cfg).init(jax.random.key(0), np.zeros((1, 4), np.int32), decode=True))
+        lambda: LLAMA.module.init(jax.random.key(0), np.zeros((1, 4), np.int32), decode=True))
     assert jax.tree.structure(nn.meta.unbox(decode_params["params"])) == jax.tree.structure(params)
-    cache = decoder_only.init_cache(cfg, 1, 4)
     with pytest.raises(ValueError, match="positions or segment_ids"):
-        decoder_only.LlamaDecoder(cfg).apply({"params": params, "cache": cache}, np.ones((1, 2), np.int32),
-                                             segment_ids=np.ones((1, 2), np.int32), decode=True, mutable=["cache"])
+        LLAMA.module.apply({"params": params, "cache": nn.meta.unbox(LLAMA.init_cache(1, 4))},
+                           np.ones((1, 2), np.int32), segment_ids=np.ones((1, 2), np.int32), decode=True,
+                           mutable=["cache"])
+
+
+def test_attention_takes_both_key_layouts_with_the_same_result():
+    """One attention for training ([B, S, K, Dh]) and the cache ([B, K, Dh, S]), grouped heads, mask and bias."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(2, 3, 4, 8), (2, 5, 2, 8), (2, 5, 2, 8)])
+    mask = jnp.asarray(rng.random((2, 1, 3, 5)) > 0.3)
+    bias = jnp.asarray(rng.normal(size=(1, 4, 3, 5)), jnp.float32)
+    training = layers.dot_product_attention(q, k, v, mask, bias)
+    to_cache = lambda x: jnp.transpose(x, (0, 2, 3, 1))  # noqa: E731
+    cached = layers.dot_product_attention(q, to_cache(k), to_cache(v), mask, bias, kv_layout="bkds")
+    np.testing.assert_allclose(cached, training, atol=1e-6)
+    scores = jnp.einsum("blhd,bshd->bhls", q, jnp.repeat(k, 2, axis=2)) * 8 ** -0.5 + bias
+    probs = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1)
+    np.testing.assert_allclose(training, jnp.einsum("bhls,bshd->blhd", probs, jnp.repeat(v, 2, axis=2)), atol=1e-5)
+    with pytest.raises(ValueError, match="kv_layout must be"):
+        layers.dot_product_attention(q, k, v, mask, kv_layout="bsdk")
