@@ -21,7 +21,10 @@ DATA = [
 PEFT = ["qwix==0.1.8"]
 VIEWER = ["tensorboard>=2.20,<3"]  # `tensorboard --logdir MODEL_DIR` (the run writes events with tensorboardX)
 T5 = ["t5==0.9.4"]
-DEV = ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5,<6", "safetensors>=0.4"]
+SERVE = ["fastapi>=0.165,<1", "uvicorn>=0.54,<1", "prometheus_client>=0.26,<1",
+         "jinja2>=3.1,<4"]  # `python -m lmops_jax.serve`; jinja2 renders a model's own chat template
+DEV = ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5,<6", "safetensors>=0.4",
+       "httpx>=0.28,<1", "openai>=3.57,<4"]  # httpx: in-process server tests; openai: the client test
 
 setuptools.setup(
     name="lmops_jax",
@@ -37,7 +40,8 @@ setuptools.setup(
         "peft": PEFT,
         "t5": T5,  # install after [all]: it swaps seqio/tfds for the nightlies it pins
         "tensorboard": VIEWER,
+        "serve": SERVE,
         "dev": DEV,
-        "all": DATA + PEFT + VIEWER,
+        "all": DATA + PEFT + VIEWER + SERVE,
     },
 )

@@ -1,6 +1,9 @@
 """Hugging Face bridge: logits and greedy parity with transformers, exact round trips, refusals by name."""
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -12,8 +15,10 @@ transformers = pytest.importorskip("transformers")
 from lmops_jax import checkpoints, convert  # noqa: E402
 from lmops_jax.inference import inference_module as inference
 from lmops_jax.convert import __main__ as convert_cli  # noqa: E402
-from lmops_jax.convert import safetensors_io  # noqa: E402
+from lmops_jax.convert import hf_llama, hf_t5, safetensors_io, tokens  # noqa: E402
+from lmops_jax.models import spec  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
              max_position_embeddings=128)
@@ -187,3 +192,111 @@ def test_bad_weights_are_listed_by_name(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "out")
     with pytest.raises(checkpoints.CheckpointError, match="no checkpoint"):
         convert.export_hf(str(tmp_path / "nothing"), str(tmp_path / "back"))
+
+
+def _llama_stopping_at(tmp_path, bos, eos):
+    """(HF dir, prompt, HF's greedy tokens stopping at eos) of a Llama whose config.json names bos / eos
+    and whose greedy continuation of [bos] + prompt emits eos second: the lm_head rows of eos and of the
+    token it would emit are swapped, which leaves the first step's argmax alone."""
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA, bos_token_id=bos, eos_token_id=eos)).eval()
+    for seed in range(20):
+        prompt = np.random.default_rng(seed).integers(eos + 1, 128, 6).tolist()
+        with torch.no_grad():
+            first, second = hf.generate(torch.tensor([[bos] + prompt]), max_new_tokens=2, do_sample=False,
+                                        eos_token_id=None, pad_token_id=0)[0, -2:].tolist()
+        if first not in (second, eos):
+            break
+    with torch.no_grad():
+        head = hf.lm_head.weight
+        head[[second, eos]] = head[[eos, second]].clone()
+        want = hf.generate(torch.tensor([[bos] + prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert want[0, 1 + len(prompt):].tolist() == [first, eos]  # HF stops at the config's EOS
+    return _save(hf, tmp_path / "hf_llama"), prompt, [first, eos]
+
+
+def test_imported_special_tokens_are_the_inference_defaults(tmp_path):
+    hf_dir, prompt, want = _llama_stopping_at(tmp_path, bos=5, eos=7)
+    out = str(tmp_path / "ours")
+    convert.import_hf(hf_dir, out)
+    module = inference.InferenceModule.from_checkpoint(out)
+    assert (module.bos_id, module.default_eos_id) == (5, 7)
+    assert module.generate([prompt], max_new_tokens=8).tokens[0] == want  # BOS 5 prepended, stops at 7
+    longer = module.generate([prompt], max_new_tokens=8, eos_id=-1).tokens[0]  # an explicit eos_id wins
+    assert len(longer) == 8 and longer[:2] == want
+    explicit = inference.InferenceModule.from_checkpoint(out, bos_id=None, eos_id=3)
+    assert (explicit.bos_id, explicit.default_eos_id) == (None, 3)
+    back = str(tmp_path / "back")
+    convert.export_hf(out, back)
+    config = json.load(open(os.path.join(back, "config.json")))
+    assert (config["bos_token_id"], config["eos_token_id"], "pad_token_id" in config) == (5, 7, False)
+
+
+def test_a_spec_without_special_tokens_loads_with_seqio_defaults(tmp_path):
+    """A format-1 spec (before special tokens were stored): BOS 0, the vocabulary's EOS (1)."""
+    hf_dir, _, _ = _llama_stopping_at(tmp_path, bos=5, eos=7)
+    convert.import_hf(hf_dir, str(tmp_path / "ours"))
+    stored = checkpoints.read_model_spec(str(tmp_path / "ours"))
+    assert stored["format_version"] == 2 and stored["special_tokens"]["eos_id"] == 7
+    old = {k: v for k, v in stored.items() if k != "special_tokens"} | {"format_version": 1}
+    _, params = convert.load_checkpoint(str(tmp_path / "ours"))
+    checkpoints.save_params(str(tmp_path / "old"), params, "", model_spec=old)
+    module = inference.InferenceModule.from_checkpoint(str(tmp_path / "old"))
+    assert (module.bos_id, module.eos_id, module.default_eos_id) == (0, None, 1)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("eos_token_id", 128, "eos_token_id=128 is no token id of the model"),
+    ("bos_token_id", "<s>", "bos_token_id='<s>' must be a token id"),
+])
+def test_bad_special_token_ids_are_refused_by_field(field, value, match):
+    with pytest.raises(convert.ConversionError, match=match):
+        tokens.special_tokens({field: value}, 128, hf_llama.SPECIAL_TOKENS)
+
+
+def test_special_ids_of_config_json():
+    cfg = {"bos_token_id": 1, "eos_token_id": [2, 9], "pad_token_id": -1, "decoder_start_token_id": 0}
+    assert tokens.special_tokens(cfg, 128, hf_llama.SPECIAL_TOKENS) == spec.SpecialTokens(bos_id=1, eos_id=2)
+    assert tokens.special_tokens(cfg, 128, hf_t5.SPECIAL_TOKENS) == spec.SpecialTokens(eos_id=2, decoder_start_id=0)
+    assert tokens.hf_fields(spec.SEQIO_CONVENTION, hf_llama.SPECIAL_TOKENS) == {"bos_token_id": 0, "pad_token_id": 0}
+    with pytest.raises(convert.ConversionError, match="decoder_start_token_id=3 is not supported"):
+        convert.model_from_hf_config({"architectures": ["T5ForConditionalGeneration"], **T5,
+                                      "decoder_start_token_id": 3})
+
+
+def test_from_hf_cli_records_the_tokenizer_and_prints_what_it_wrote(tmp_path):
+    """`python -m lmops_jax.convert from_hf` of a directory with tokenizer.json, as docs/convert.md shows
+    it: the checkpoint carries the tokenizer (moved elsewhere, it still generates text with it)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA, bos_token_id=1, eos_token_id=2)).eval()
+    hf_dir = _save(hf, tmp_path / "hf_llama")
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(LLAMA["vocab_size"] - 3)]  # Llama-2's order
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, "<unk>"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(os.path.join(hf_dir, "tokenizer.json"))
+    out = str(tmp_path / "ours")
+    proc = subprocess.run([sys.executable, "-m", "lmops_jax.convert", "from_hf", f"--hf_dir={hf_dir}",
+                           f"--out_dir={out}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    count = sum(p.numel() for p in hf.parameters())
+    for line in [f"wrote {out}/checkpoints/0 and {out}/model.gin",
+                 f"  model: decoder_only (LlamaConfig), {count:,} parameters, float32",
+                 "  special ids: bos_id 1, eos_id 2, pad_id None, decoder_start_id None",
+                 f"  tokenizer: hf_tokenizer {out}/tokenizer/tokenizer.json"]:
+        assert line in proc.stdout.splitlines(), proc.stdout
+    moved = str(tmp_path / "moved")
+    shutil.move(out, moved)  # self-contained: the spec names the tokenizer relative to the model dir
+    module = inference.InferenceModule.from_checkpoint(moved)
+    assert type(module.vocabulary).__name__ == "HFTokenizerVocabulary" and module.vocabulary.eos_id == 2
+    result = module.generate(["w3 w4 w5"], max_new_tokens=4)
+    assert result.tokens == module.generate([[6, 7, 8]], max_new_tokens=4).tokens  # the tokenizer's ids
+    text_ids = result.tokens[0][:result.tokens[0].index(2)] if 2 in result.tokens[0] else result.tokens[0]
+    assert result.texts == [tokenizer.decode(text_ids)]
+    back = str(tmp_path / "back")
+    proc = subprocess.run([sys.executable, "-m", "lmops_jax.convert", "to_hf", f"--checkpoint={moved}",
+                           f"--out_dir={back}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"wrote {back}/config.json, {back}/model.safetensors, {back}/tokenizer.json" in proc.stdout, proc.stdout
+    assert "  special ids: bos_id 1, eos_id 2, pad_id None, decoder_start_id None" in proc.stdout
+    assert open(os.path.join(back, "tokenizer.json")).read() == open(os.path.join(hf_dir, "tokenizer.json")).read()

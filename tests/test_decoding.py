@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lmops_jax.inference.beam_search import beam_search, brevity_penalty
-from lmops_jax.inference.decoding import expand_state, gather_beams, generate, sample_tokens
+from lmops_jax.inference.decoding import expand_state, gather_beams, generate, sample_rows, sample_tokens
 
 GEN_STATIC = ("tokens_to_logits", "max_new_tokens", "method", "top_k", "num_decodes")
 BEAM_STATIC = ("tokens_to_logits", "max_new_tokens", "num_beams")
@@ -180,6 +180,30 @@ def test_top_k_and_top_p_distributions():
     np.testing.assert_allclose(empirical_eager(LOGITS, 20000, top_p=0.7), nucleus / nucleus.sum(), atol=0.02)
     np.testing.assert_allclose(empirical_first_token(LOGITS, 20000, top_p=0.7), nucleus / nucleus.sum(),
                                atol=0.02)
+
+
+def test_sample_rows_applies_each_rows_own_knobs_in_one_call():
+    """Four blocks of rows with different knobs in one jitted call: each block has its own distribution."""
+    n = 20000
+    knobs = [(0.0, 0, 1.0), (1.0, 2, 1.0), (1.0, 0, 0.7), (1.5, 0, 1.0)]  # (temperature, top_k, top_p)
+    temperature, top_k, top_p = (np.repeat(np.array(k, dtype), n) for k, dtype in
+                                 zip(zip(*knobs), (np.float32, np.int32, np.float32)))
+    keys = jax.random.split(jax.random.key(9), len(knobs) * n)
+    tokens = np.asarray(jax.jit(sample_rows)(jnp.tile(jnp.asarray(LOGITS), (len(knobs) * n, 1)), keys,
+                                             temperature, top_k, top_p)).reshape(len(knobs), n)
+    freq = [np.bincount(row, minlength=5) / n for row in tokens]
+    probs = np.exp(np_log_softmax(LOGITS))
+    top2 = np.where(np.isin(np.arange(5), [0, 1]), probs, 0.0)
+    nucleus = np.where(np.isin(np.arange(5), [0, 1, 3]), probs, 0.0)
+    np.testing.assert_array_equal(freq[0], np.eye(5)[0])  # temperature 0: the argmax
+    np.testing.assert_allclose(freq[1], top2 / top2.sum(), atol=0.02)
+    np.testing.assert_allclose(freq[2], nucleus / nucleus.sum(), atol=0.02)
+    np.testing.assert_allclose(freq[3], np.exp(np_log_softmax(LOGITS / 1.5)), atol=0.02)
+    # The same rows alone take the path that does not sort, with the same distribution.
+    alone = jax.jit(sample_rows)(jnp.tile(jnp.asarray(LOGITS), (n, 1)), keys[3 * n:], temperature[3 * n:],
+                                 top_k[3 * n:], top_p[3 * n:])
+    np.testing.assert_allclose(np.bincount(np.asarray(alone), minlength=5) / n,
+                               np.exp(np_log_softmax(LOGITS / 1.5)), atol=0.02)
 
 
 def test_top_k_one_and_tiny_top_p_equal_greedy():

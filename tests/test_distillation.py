@@ -225,15 +225,19 @@ def _recompute_sampler(model, params, batch, rng, *, prompt_length, temperature,
     return out.tokens
 
 
-def test_offline_topk_with_full_vocabulary_equals_online_teacher(teacher_dir, tmp_path):
+def test_offline_topk_with_full_vocabulary_equals_online_teacher(teacher_dir, tmp_path, caplog):
     from lmops_jax.training import train as train_lib  # noqa: F401  registers the tasks through the data pipeline
     from lmops_jax.data import pipeline
     import seqio
     p = partitioning.Partitioner({"data": 1}, devices=jax.devices()[:1])
     store_dir = str(tmp_path / "topk")
+    caplog.set_level("INFO", logger="lmops_jax")
     distillation_store.dump_teacher_topk(
         teacher_checkpoint=teacher_dir[0], output_dir=store_dir, mixture_or_task_name="synthetic_lm",
         task_feature_lengths={"targets": 16}, batch_size=8, num_batches=2, k=512, partitioner=p, shard_size=1)
+    assert caplog.messages[-1] == (f"outputs in {store_dir}: meta.json, logprobs-*.npy, ids-*.npy, "
+                                   "target_logprob-*.npy, targets-*.npy (2 shards; the teacher's top-512 log-probs "
+                                   "of 2 batches)")
     ds = pipeline.get_dataset("synthetic_lm", {"targets": 16}, seqio.DecoderFeatureConverter(pack=True),
                               global_batch_size=8, seed=0)
     batches = pipeline.GlobalBatchIterator(lambda: ds, p.data_sharding())

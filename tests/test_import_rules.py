@@ -22,11 +22,13 @@ ALLOWED = {
     "peft": {"models", "training", "losses", "partitioning", "checkpoints", "cli"},
     "convert": {"models", "partitioning", "checkpoints", "cli"},
     "distillation": {"models", "data", "inference", "training", "losses", "partitioning", "checkpoints", "cli"},
+    "serving": {"models", "inference", "losses", "partitioning", "checkpoints", "cli"},
     "gin_configs": set(),
     # the `python -m lmops_jax.<job>` entry points
     "train": {"training", "cli"},
     # The job may register the built-in seqio tasks that `inference/` itself must not import.
     "infer": {"inference", "data", "cli"},
+    "serve": {"serving", "cli"},
 }
 NEVER_FROM_INFERENCE = {"training", "distillation", "data", "peft"}
 
@@ -74,6 +76,7 @@ def test_no_forbidden_imports():
 
 def test_inference_rules_are_strict():
     assert not ALLOWED["inference"] & NEVER_FROM_INFERENCE
+    assert not ALLOWED["serving"] & NEVER_FROM_INFERENCE
 
 
 def test_the_checker_sees_lazy_imports(tmp_path):

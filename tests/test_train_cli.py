@@ -34,6 +34,9 @@ def test_cli_trains_and_writes_metrics_and_config(tmp_path):
     assert "TRAIN_STEPS = 6" in config and "LOGICAL_AXIS_RULES = 'fsdp'" in config
     assert list((model_dir / "tensorboard").iterdir())
     assert "step 6/6" in proc.stdout
+    assert proc.stdout.splitlines()[-1].endswith(
+        f"INFO outputs in {model_dir}: metrics.jsonl, tensorboard/, config.gin, checkpoints/ (steps 6)")
+    assert "Path not found" not in proc.stdout  # gin's include search stays quiet
 
 
 def _parse(bindings, files=("gin_configs/models/llama_tiny.gin", "gin_configs/runs/pretrain.gin")):
@@ -44,6 +47,46 @@ def _parse(bindings, files=("gin_configs/models/llama_tiny.gin", "gin_configs/ru
 def test_unknown_gin_binding_is_named():
     with pytest.raises(gin_utils.GinConfigError, match="train_lib.train.bogus"):
         _parse(["MODEL_DIR = '/tmp/x'", "train_lib.train.bogus = 1"])
+
+
+def test_misspelled_macro_names_the_closest_known_ones():
+    with pytest.raises(gin_utils.GinConfigError, match=r"--gin.TRAIN_STEP: no loaded gin file defines or uses the "
+                       r"macro TRAIN_STEP \(did you mean TRAIN_STEPS"):
+        _parse(["MODEL_DIR = '/tmp/x'", "TRAIN_STEP = 10"])
+    with pytest.raises(gin_utils.GinConfigError, match=r"--gin.MODEL_DRI: .*did you mean MODEL_DIR"):
+        _parse(["MODEL_DIR = '/tmp/x'", "MODEL_DRI = '/tmp/y'"])
+    with pytest.raises(gin_utils.GinConfigError, match=r"--gin.ZZZ: .*\(known macros: BATCH_SIZE, "):
+        _parse(["MODEL_DIR = '/tmp/x'", "ZZZ = 1"])
+
+
+def test_macros_used_by_a_file_or_another_binding_are_accepted(tmp_path):
+    uses = tmp_path / "uses.gin"  # references a macro it leaves to the command line
+    uses.write_text("include 'gin_configs/examples/quickstart.gin'\ntrain_lib.train.seed = %MY_SEED\n")
+    try:
+        _parse(["MY_SEED = 3"], files=(str(uses),))
+        assert gin.query_parameter("MY_SEED/gin.macro.value") == 3
+        _parse(["OTHER = 4", "train_lib.train.log_period = %OTHER", "train_lib.train.eval_steps = 2"],
+               files=("gin_configs/examples/quickstart.gin",))
+    finally:
+        gin.clear_config()
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--gin.TRAIN_STEP=10", "--gin.TRAIN_STEP: no loaded gin file defines or uses the macro TRAIN_STEP (did you "
+                            "mean TRAIN_STEPS"),
+    ("--gin.MESH_SHAPE={'dat': -1}", "MESH_SHAPE axis 'dat' is not a known mesh axis"),
+])
+def test_cli_config_mistakes_exit_2_before_anything_runs(tmp_path, flag, message):
+    model_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lmops_jax.train", "--gin_file=gin_configs/examples/quickstart.gin", flag,
+           f"--gin.MODEL_DIR='{model_dir}'"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.rstrip().splitlines()[-1] == errors[0]  # gin's "In call to configurable" joins the line
+    assert not model_dir.exists()
 
 
 def test_missing_required_macro_is_named():
@@ -86,7 +129,8 @@ def test_python_api_trains_without_gin(tmp_path):
         model=tiny_llama(vocab_size=512), model_dir=str(tmp_path), train_steps=3, batch_size=8,
         mixture_or_task_name="synthetic_lm", task_feature_lengths={"targets": 16}, log_period=1, peak_flops=1e12)
     assert int(state.step) == 3
-    assert (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "config.gin").exists()
+    assert (tmp_path / "metrics.jsonl").exists()
+    assert "TRAIN_STEPS = 3" in (tmp_path / "config.gin").read_text()  # what ran, as gin (python_run_config)
 
 
 def test_t5_trains_on_seq2seq_task(tmp_path):

@@ -163,6 +163,13 @@ def _is_config_error(error: BaseException) -> bool:
     return raised_in.startswith(_PACKAGE_DIR + os.sep)
 
 
+def _one_line(error: BaseException) -> str:
+    """The message as one line, without the '\n  In call to configurable ...' lines gin appends to an error
+    raised in a call it makes (the library's message names the binding already)."""
+    lines = (line.strip() for line in str(error).splitlines())
+    return "; ".join(line for line in lines if line and not line.startswith("In call to configurable "))
+
+
 def run(prog: str, description: str, jobs: Job | Mapping[str, Job], argv: Sequence[str] | None = None) -> int:
     """Parses argv (default sys.argv[1:]), runs the chosen job and returns the exit code (module docstring)."""
     configure_logging()
@@ -182,7 +189,7 @@ def run(prog: str, description: str, jobs: Job | Mapping[str, Job], argv: Sequen
     except ValueError as error:
         if not _is_config_error(error):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     return 0
 

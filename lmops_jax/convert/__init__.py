@@ -4,15 +4,16 @@
     python -m lmops_jax.convert to_hf --checkpoint=DIR --out_dir=DIR [--max_shard_gb=5]
 
 Import writes a params-only Orbax checkpoint (`checkpoints.save_params`) whose stored model spec
-(`models.spec`) rebuilds the model, with gin text that builds it too, also written as `out_dir/model.gin`
-(for fine-tuning configs). Only `*.safetensors` files are read (sharded ones
-through their index); pickled PyTorch files are never loaded. A config the models cannot represent
-exactly is refused naming the field; missing, misshapen and unexpected tensors are listed by name.
-Without `dtype` the params keep the stored dtype (so a bfloat16 model round-trips bit for bit); a
-checkpoint mixing float dtypes is imported as float32.
+(`models.spec`) rebuilds the model and holds its special token ids and tokenizer (`tokens`), with gin
+text that builds it too, also written as `out_dir/model.gin` (for fine-tuning configs). Only
+`*.safetensors` files are read (sharded ones through their index); pickled PyTorch files are never
+loaded. A config the models cannot represent exactly is refused naming the field; missing, misshapen
+and unexpected tensors are listed by name. Without `dtype` the params keep the stored dtype (so a
+bfloat16 model round-trips bit for bit); a checkpoint mixing float dtypes is imported as float32.
 
 Per-architecture config translation and name tables live in `hf_llama` and `hf_t5`; the layouts
-shared by both directions in `mapping`; file handling in `safetensors_io`.
+shared by both directions in `mapping`; special ids and tokenizer files in `tokens`; file handling in
+`safetensors_io`.
 """
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from lmops_jax import checkpoints
-from lmops_jax.convert import hf_llama, hf_t5, safetensors_io
+from lmops_jax.convert import hf_llama, hf_t5, safetensors_io, tokens
 from lmops_jax.convert.mapping import ConversionError, Entry, ImportSpec, hf_shape, to_hf, to_ours
 from lmops_jax.models import decoder_only, encoder_decoder, loading
 from lmops_jax.models import model as model_lib
-from lmops_jax.models.spec import ModelSpec
+from lmops_jax.models.spec import SEQIO_CONVENTION, ModelSpec
 
 __all__ = ["ConversionError", "Entry", "model_from_hf_config", "hf_to_params", "params_to_hf", "gin_config",
            "load_checkpoint", "import_hf", "export_hf"]
@@ -219,8 +220,12 @@ def load_checkpoint(checkpoint_path: str) -> tuple[model_lib.BaseModel, dict]:
 def import_hf(hf_dir: str, out_dir: str, dtype: str | None = None) -> str:
     """Converts a Hugging Face directory into a params-only Orbax checkpoint + model.gin in `out_dir`.
 
+    The spec stores config.json's special ids and, when `hf_dir` has tokenizer.json, the tokenizer
+    copied to `out_dir/tokenizer/` (`tokens`).
+
     Args:
-      hf_dir: directory with config.json and *.safetensors (sharded with an index, or not).
+      hf_dir: directory with config.json and *.safetensors (sharded with an index, or not), and
+        optionally tokenizer.json.
       out_dir: model directory to create; must not hold checkpoints already.
       dtype: 'float32', 'bfloat16' or 'float16' for params and compute; None keeps the stored dtype.
 
@@ -235,15 +240,17 @@ def import_hf(hf_dir: str, out_dir: str, dtype: str | None = None) -> str:
     if dtype is not None and dtype != model.config.param_dtype:
         model = loading.with_dtype(model, dtype)
         params = checkpoints.unflatten({k: v.astype(_np_dtype(dtype)) for k, v in checkpoints.flatten(params).items()})
-    arch = _architecture(read_hf_config(hf_dir))
-    text = gin_config(model, f"{arch} in {os.path.abspath(hf_dir)}")
+    cfg = read_hf_config(hf_dir)
+    special = tokens.special_tokens(cfg, model.vocab_size, _arch_module(model).SPECIAL_TOKENS)
+    text = gin_config(model, f"{_architecture(cfg)} in {os.path.abspath(hf_dir)}")
     rebuilt = loading.spec_from_gin(text, "the generated model.gin").model
     if rebuilt != model:  # the text must rebuild the model exactly, or later loads would differ
         raise ConversionError(f"generated gin config rebuilds {rebuilt}, not {model}")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "model.gin"), "w", encoding="utf-8") as f:
         f.write(text)
-    return checkpoints.save_params(out_dir, params, text, model_spec=ModelSpec(model).to_json())
+    spec = ModelSpec(model, tokens.import_tokenizer(hf_dir, out_dir), special)
+    return checkpoints.save_params(out_dir, params, text, model_spec=spec.to_json())
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -255,13 +262,17 @@ def export_hf(checkpoint_path: str, out_dir: str,
               max_shard_bytes: int = safetensors_io.DEFAULT_MAX_SHARD_BYTES) -> list[str]:
     """Writes config.json + safetensors weights (sharded above `max_shard_bytes`) for a checkpoint.
 
-    The checkpoint's model spec (or, for older checkpoints, its gin config) names the model; returns the
-    written paths.
+    The checkpoint's model spec (or, for older checkpoints, its gin config) names the model; its special
+    ids go into config.json (an imported model's own, else seqio's convention: BOS, pad and decoder
+    start 0, so an import of the export reads prompts as training did) and its Hugging Face tokenizer
+    files are copied beside it. Returns the written paths.
     """
     model, params = load_checkpoint(checkpoint_path)
     config, tensors = params_to_hf(model, params)
+    loaded = loading.read_spec(checkpoint_path)
+    config.update(tokens.hf_fields(loaded.special_tokens or SEQIO_CONVENTION, _arch_module(model).SPECIAL_TOKENS))
     paths = safetensors_io.write_tensors(out_dir, tensors, max_shard_bytes)
     config_path = os.path.join(out_dir, "config.json")
     with open(config_path, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
-    return [config_path] + paths
+    return [config_path] + paths + tokens.export_tokenizer(loaded.vocabulary, out_dir)

@@ -25,6 +25,7 @@ from lmops_jax.models import decoder_only
 from lmops_jax.models import model as model_lib
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SPECIAL_TOKENS = ("bos_id", "eos_id", "pad_id")  # the `tokens.HF_FIELDS` its config.json has
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 REFUSED = {
     "Qwen2ForCausalLM": "its q/k/v projections carry biases, which LlamaDecoder has no place for",

@@ -1,12 +1,12 @@
 """T5 v1.1 <-> `EncoderDecoderModel`: config translation and the weight-name table.
 
 Accepted: `T5ForConditionalGeneration` (and `MT5ForConditionalGeneration`) with `feed_forward_proj='gated-gelu'` and no output rescaling
-(T5 v1.1). Refused with the field named: other feed-forward kinds ('relu' is T5 1.0), and T5 1.0's tied
-head that rescales decoder outputs by d_model**-0.5. transformers 4 marks 1.0 by
-`tie_word_embeddings` (default true); transformers 5 always ties T5's `lm_head` to `shared` and marks
-1.0 by `scale_decoder_outputs` instead, so a v1.1 model it saves stores no `lm_head.weight`: it is then
-read from `shared.weight`. Export always writes `lm_head.weight` (transformers 5 keeps a stored head
-that differs from `shared`).
+(T5 v1.1). Refused with the field named: other feed-forward kinds ('relu' is T5 1.0), T5 1.0's tied
+head that rescales decoder outputs by d_model**-0.5, and a decoder_start_token_id other than 0 (the
+decoder here always starts from 0). transformers 4 marks 1.0 by `tie_word_embeddings` (default
+true); transformers 5 always ties T5's `lm_head` to `shared` and marks 1.0 by `scale_decoder_outputs`
+instead, so a v1.1 model it saves stores no `lm_head.weight`: it is then read from `shared.weight`.
+Export always writes `lm_head.weight` (transformers 5 keeps a stored head that differs from `shared`).
 
 Names (HF -> ours; S = encoder | decoder, i = block; see `encoder_decoder` for shapes):
 
@@ -33,6 +33,7 @@ from lmops_jax.models import model as model_lib
 # mT5 is T5 v1.1 with a larger vocabulary: same modeling code, same names.
 ARCHITECTURES = ("T5ForConditionalGeneration", "MT5ForConditionalGeneration")
 MODEL_TYPES = {"t5": "T5ForConditionalGeneration", "mt5": "MT5ForConditionalGeneration"}
+SPECIAL_TOKENS = ("eos_id", "pad_id", "decoder_start_id")  # the `tokens.HF_FIELDS` its config.json has
 REFUSED = {
     "UMT5ForConditionalGeneration": "it has a relative position bias in every layer",
     "T5EncoderModel": "it has no decoder",
@@ -72,6 +73,8 @@ def import_spec(cfg: Mapping[str, Any], arch: str) -> ImportSpec:
         raise ConversionError(f"hf_t5 cannot import architecture {arch!r}")
     refuse_unless(cfg, "feed_forward_proj", ("gated-gelu",), "relu",
                   "only T5 v1.1 (gated-GELU feed-forward) is supported")
+    refuse_unless(cfg, "decoder_start_token_id", (model_lib.DECODER_START_ID, None), None,
+                  f"the decoder starts from token {model_lib.DECODER_START_ID} (models.model.DECODER_START_ID)")
     scaled = cfg.get("scale_decoder_outputs", cfg.get("tie_word_embeddings", True))
     if scaled:
         field = "scale_decoder_outputs" if "scale_decoder_outputs" in cfg else "tie_word_embeddings"

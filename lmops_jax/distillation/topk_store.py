@@ -37,6 +37,8 @@ from lmops_jax.models.model import BaseModel
 from lmops_jax.models.spec import VocabularySpec
 from lmops_jax.partitioning import Partitioner
 
+logger = logging.getLogger(__name__)
+
 TOPK_LOGPROBS = "teacher_topk_logprobs"
 TOPK_IDS = "teacher_topk_ids"
 TARGET_LOGPROB = "teacher_target_logprob"
@@ -60,7 +62,7 @@ def check_teacher_vocabulary(teacher: VocabularySpec | None, mixture_or_task_nam
     except (ValueError, KeyError):
         student_vocab = None
     if teacher_vocab is None or student_vocab is None:
-        logging.warning("cannot compare the teacher's vocabulary %s with that of the student's task %r (not "
+        logger.warning("cannot compare the teacher's vocabulary %s with that of the student's task %r (not "
                         "registered here)", teacher, mixture_or_task_name)
     elif teacher_vocab != student_vocab:
         raise ValueError(f"teacher and student must share a vocabulary: the teacher's checkpoint uses "
@@ -181,12 +183,12 @@ def dump_teacher_topk(
     the arguments are the distillation run's gin macros (distill.gin binds them; KD_TOPK_DIR, KD_TOPK).
     An existing complete store in `output_dir` is an error (delete it first).
     """
-    from lmops_jax.cli import gin_flags as gin_utils
+    from lmops_jax.cli import gin_flags
     from lmops_jax.data import pipeline
 
     for name, value in (("teacher_checkpoint", teacher_checkpoint), ("output_dir", output_dir)):
-        if not value or gin_utils.is_required_sentinel(value):
-            raise gin_utils.GinConfigError(f"dump_teacher_topk needs {name} (gin macros TEACHER_CHECKPOINT, "
+        if not value or gin_flags.is_required_sentinel(value):
+            raise gin_flags.GinConfigError(f"dump_teacher_topk needs {name} (gin macros TEACHER_CHECKPOINT, "
                                            "KD_TOPK_DIR)")
     if num_batches < 1 or shard_size < 1:
         raise ValueError(f"num_batches and shard_size must be >= 1, got {num_batches}, {shard_size}")
@@ -237,7 +239,7 @@ def dump_teacher_topk(
             for name, value in values.items():
                 writers[name][row] = value
             if (index + 1) % 50 == 0:
-                logging.info("dumped teacher top-%d of %d / %d batches", k, index + 1, num_batches)
+                logger.info("dumped teacher top-%d of %d / %d batches", k, index + 1, num_batches)
     if jax.process_index() == 0:
         for w in writers.values():
             w.flush()
@@ -247,5 +249,6 @@ def dump_teacher_topk(
                 "teacher_checkpoint": os.path.abspath(teacher_checkpoint)}
         with open(os.path.join(output_dir, META), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
-    logging.info("wrote the teacher's top-%d log-probs of %d batches to %s", k, num_batches, output_dir)
+    logger.info("outputs in %s: %s, %s (%d shards; the teacher's top-%d log-probs of %d batches)", output_dir, META,
+                ", ".join(f"{name}-*.npy" for name in _ARRAYS), -(-num_batches // shard_size), k, num_batches)
     return output_dir

@@ -186,6 +186,66 @@ def sample_tokens(
     return filtered(vocab, nucleus=True) if top_p < 1.0 else plain()
 
 
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                top_p: jax.Array) -> jax.Array:
+    """One token per row of logits [N, V], each row with its own knobs and key: int32 [N].
+
+    The filters and their order are `sample_tokens`'s, given per row as arrays, so rows with different
+    settings sample in one compiled function (a serving step over slots). keys: typed PRNG keys [N];
+    temperature f32 [N], 0 = greedy (the argmax of the logits); top_k i32 [N], 0 = all; top_p f32 [N] in
+    (0, 1]. Nothing is drawn when every row is greedy, and the vocabulary is sorted only when some
+    sampled row filters (`lax.switch`).
+    """
+    logits = logits.astype(jnp.float32)
+    greedy = temperature <= 0
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    categorical = jax.vmap(jax.random.categorical)
+
+    def filtered() -> jax.Array:
+        values, indices = _sorted_row_filter(scaled, top_k, top_p)
+        return jnp.take_along_axis(indices, categorical(keys, values)[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    branch = jnp.where(jnp.all(greedy), 0, jnp.where(_any_row_filters(greedy, top_k, top_p), 2, 1))
+    sampled = lax.switch(branch, [lambda: argmax, lambda: categorical(keys, scaled).astype(jnp.int32), filtered])
+    return jnp.where(greedy, argmax, sampled)
+
+
+def _sorted_row_filter(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Logits [N, V] sorted descending with each row's top-k and nucleus filters applied (-inf outside),
+    and the token ids they belong to [N, V]."""
+    vocab = scaled.shape[-1]
+    values, indices = lax.top_k(scaled, vocab)
+    in_top_k = (top_k[:, None] <= 0) | (jnp.arange(vocab)[None, :] < top_k[:, None])
+    return _nucleus_filter(jnp.where(in_top_k, values, -jnp.inf), top_p[:, None]), indices
+
+
+def _any_row_filters(greedy: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    return jnp.any(~greedy & ((top_k > 0) | (top_p < 1.0)))
+
+
+def row_log_probs(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Log-probabilities [N, V] of the distribution `sample_rows` draws each row's token from.
+
+    Same per-row knobs (temperature f32 [N], 0 = greedy; top_k i32 [N]; top_p f32 [N]); a greedy row is
+    one-hot at its argmax (0 there, -inf elsewhere), so speculative decoding's rejection sampling over
+    these distributions is exact greedy decoding for greedy rows. Filtered-out tokens get -inf.
+    """
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    greedy = temperature <= 0
+    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+
+    def filtered() -> jax.Array:
+        values, indices = _sorted_row_filter(scaled, top_k, top_p)
+        return jnp.full_like(scaled, -jnp.inf).at[jnp.arange(scaled.shape[0])[:, None], indices].set(values)
+
+    kept = lax.cond(_any_row_filters(greedy, top_k, top_p), filtered, lambda: scaled)
+    argmax = jnp.argmax(logits, axis=-1)
+    one_hot = jnp.where(jnp.arange(vocab)[None, :] == argmax[:, None], 0.0, -jnp.inf)
+    return jnp.where(greedy[:, None], one_hot, jax.nn.log_softmax(kept, axis=-1))
+
+
 class _GenerateCarry(NamedTuple):
     step: jax.Array  # int32 scalar: next position of `tokens` to fill
     tokens: jax.Array  # int32 [N, T]

@@ -1,11 +1,13 @@
-"""Inference entry point: predictions or scores over a seqio task's split, written as JSONL.
+"""Inference entry point: predictions or scores over a seqio task's split or a prompt file, as JSONL.
 
     python -m lmops_jax.infer --gin_file=gin_configs/runs/infer.gin \\
       --gin.CHECKPOINT_PATH="'/tmp/run'" --gin.MIXTURE_OR_TASK_NAME="'synthetic_lm'" \\
       [--gin.INFER_OUTPUT_DIR="'/tmp/out'"] [--gin.MODE="'score'"] [--gin.NUM_EXAMPLES=256]
+    python -m lmops_jax.infer --gin_file=gin_configs/runs/infer.gin \\
+      --gin.CHECKPOINT_PATH="'/tmp/run'" --gin.INPUT_FILE="'/tmp/prompts.jsonl'"
 
-`infer(...)` is also the Python API. The model comes from the gin config stored with the checkpoint
-(`InferenceModule.from_checkpoint`), so no model flags are repeated.
+`infer(...)` is also the Python API. The model comes from the model spec stored with the checkpoint
+(`InferenceModule.from_checkpoint` through `models.loading`), so no model flags are repeated.
 
 Examples. Tasks with an "inputs" feature use it as the prompt and "targets" as the reference. Tasks
 with only "targets" (plain language modelling) split each example: its first `prompt_length` tokens
@@ -13,11 +15,20 @@ are the prompt (an encoder-decoder model reads it with its encoder), the rest th
 generates a continuation (`prediction`, its `log_prob`); MODE='score' gives the log-likelihood of the
 reference given the prompt (`score`). Each record also holds the detokenized `inputs` and `targets`.
 
-Outputs in `output_dir` (default MODEL_DIR/infer/<task>_<split>): `<mode>.jsonl` and `metrics.json`
+Prompt files. With INPUT_FILE (JSONL of {"prompt": ...} or {"inputs": ...} lines, "targets" for score
+mode, or plain text; see `prompt_file`) the examples are the file's lines, whole (NUM_EXAMPLES, SPLIT
+and PROMPT_LENGTH are a task's), tokenized as `InferenceModule` tokenizes strings. Each record is the
+input line's fields with the results added (a result field replaces an input field of its name). The
+task is then optional: the vocabulary is the one the checkpoint's model spec names, or the task's
+when MIXTURE_OR_TASK_NAME is set too.
+
+Outputs in `output_dir` (default MODEL_DIR/infer/<task>_<split>, or MODEL_DIR/infer/<file name without
+extension> for INPUT_FILE): `<mode>.jsonl` and `metrics.json`
 (example count, mean log-prob or score, and the task's seqio metrics: `predict_metric_fns` on the
 postprocessed targets and predictions, or `score_metric_fns` on targets and scores).
 
-Multi-process: each process reads its own shard of the split (`seqio.ShardInfo`), runs its examples
+Multi-process: each process reads its own shard of the split (`seqio.ShardInfo`), or its contiguous
+block of the prompt file's examples (so the merged output keeps the file's order), runs its examples
 (on a mesh spanning processes, all processes run the same number of batches, padding with dummy
 prompts) and writes `<mode>-<process>-of-<count>.jsonl`; after a barrier, process 0 concatenates the
 shards in process order into `<mode>.jsonl`, removes them and computes the metrics. `output_dir`
@@ -36,11 +47,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lmops_jax import checkpoints
-from lmops_jax.cli import gin_flags as gin_utils
+from lmops_jax.cli import gin_flags
 from lmops_jax.cli import runner
+from lmops_jax.inference import prompt_file
 from lmops_jax.inference.inference_module import InferenceModule
 
 MODES = ("predict", "score")
+# One example to run: (prompt, reference or None, the fields its output record repeats). Prompt and reference are
+# token lists for a task's examples and strings for a prompt file's.
+Row = tuple[Any, Any, dict]
 
 
 def _local_count(total: int) -> int:
@@ -65,6 +80,49 @@ def _split_example(example: Mapping[str, Any], prompt_length: int) -> tuple[list
     if "inputs" in example:
         return [int(t) for t in example["inputs"]], targets
     return targets[:prompt_length], targets[prompt_length:]
+
+
+def _task_examples(task: Any, vocab: Any, split: str, num_examples: int | None, task_feature_lengths,
+                   prompt_length: int, seed: int) -> list[Row]:
+    """This process's examples of the task split as token lists, with their detokenized text as fields."""
+    rows = [_split_example(ex, prompt_length)
+            for ex in _examples(task, split, num_examples, task_feature_lengths, seed)]
+    return [(p, r, {"inputs": vocab.decode(p), "targets": vocab.decode(r)}) for p, r in rows]
+
+
+def _file_examples(path: str, mode: str) -> list[Row]:
+    """This process's contiguous block of the prompt file's examples (all of them on one process)."""
+    examples = prompt_file.read_examples(path, need_targets=mode == "score")
+    n, i = jax.process_count(), jax.process_index()
+    start = i * (len(examples) // n) + min(i, len(examples) % n)
+    return [(e.prompt, e.target, e.fields) for e in examples[start:start + _local_count(len(examples))]]
+
+
+def _run_batches(module: InferenceModule, examples: list[Row], mode: str, batch_size: int, seed: int,
+                 decode_args: Mapping[str, Any]) -> list[dict]:
+    """One output record per example: its fields plus `prediction` and `log_prob`, or `score`.
+
+    On a mesh spanning processes every process runs as many batches as the busiest one, padding with a
+    dummy row (its results are dropped).
+    """
+    vocab = module.vocabulary
+    local_batch = max(1, batch_size // jax.process_count())
+    num_batches = -(-len(examples) // local_batch)
+    if module.spans_processes:  # every process must join every jitted call
+        num_batches = int(np.max(multihost_utils.process_allgather(np.array(num_batches))))
+    records: list[dict] = []
+    for b in range(num_batches):
+        chunk = examples[b * local_batch:(b + 1) * local_batch]
+        run = chunk or [([1], [1], {})]  # a dummy row for a process whose share ran out
+        prompts, references = [p for p, _, _ in run], [r for _, r, _ in run]
+        if mode == "predict":
+            out = module.generate(prompts, seed=seed + b, **decode_args)
+            values = [{"prediction": vocab.decode(t), "log_prob": float(lp)}
+                      for t, lp in zip(out.tokens, out.log_probs)]
+        else:
+            values = [{"score": float(s)} for s in module.score(prompts, references)]
+        records.extend({**fields, **value} for (_, _, fields), value in zip(chunk, values))
+    return records
 
 
 def _to_json(value: Any) -> Any:
@@ -94,17 +152,32 @@ def _metrics(task: Any, mode: str, records: list[dict]) -> dict[str, Any]:
     return out
 
 
-def _check_args(**values: Any) -> None:
-    missing = [name for name, value in values.items() if value is None or gin_utils.is_required_sentinel(value)]
-    if missing:
-        raise gin_utils.GinConfigError(f"infer(): required arguments not set: {', '.join(missing)} "
-                                       "(CHECKPOINT_PATH, MIXTURE_OR_TASK_NAME in infer.gin)")
+def _task(name: str) -> Any:
+    import seqio
+    try:
+        return seqio.get_mixture_or_task(name)
+    except ValueError as e:
+        raise ValueError(f"unknown seqio task or mixture {name!r} (MIXTURE_OR_TASK_NAME)") from e
+
+
+def _unset(value: Any) -> bool:
+    return value is None or gin_flags.is_required_sentinel(value)
+
+
+def _check_args(checkpoint_path: Any, mixture_or_task_name: Any, input_file: Any) -> None:
+    if _unset(checkpoint_path):
+        raise gin_flags.GinConfigError("infer(): required argument checkpoint_path not set (CHECKPOINT_PATH in "
+                                       "infer.gin)")
+    if _unset(mixture_or_task_name) and _unset(input_file):
+        raise gin_flags.GinConfigError("infer(): nothing to run on: set mixture_or_task_name (MIXTURE_OR_TASK_NAME, "
+                                       "a seqio task) or input_file (INPUT_FILE, a JSONL or text prompt file)")
 
 
 def infer(
     *,
     checkpoint_path: str,
-    mixture_or_task_name: str,
+    mixture_or_task_name: str | None = None,
+    input_file: str | None = None,
     output_dir: str | None = None,
     mode: str = "predict",
     split: str = "validation",
@@ -125,16 +198,19 @@ def infer(
     logical_axis_rules: Any = "tp",
     setup_fns: Sequence[Callable[[], Any]] = (),
 ) -> dict[str, Any]:
-    """Runs the checkpoint's model over a task split and returns the metrics (also in metrics.json).
+    """Runs the checkpoint's model over a task split or a prompt file; returns the metrics (also in metrics.json).
 
     Args:
       checkpoint_path: MODEL_DIR, checkpoints folder or step folder (CHECKPOINT_PATH).
-      mixture_or_task_name: registered seqio task or mixture (MIXTURE_OR_TASK_NAME).
-      output_dir: where the JSONL and metrics go (INFER_OUTPUT_DIR); default MODEL_DIR/infer/<task>_<split>.
+      mixture_or_task_name: registered seqio task or mixture (MIXTURE_OR_TASK_NAME); with input_file it
+        only supplies the vocabulary.
+      input_file: a JSONL or plain-text prompt file (INPUT_FILE; module docstring); None: the task's split.
+      output_dir: where the JSONL and metrics go (INFER_OUTPUT_DIR); default MODEL_DIR/infer/<task>_<split>,
+        or MODEL_DIR/infer/<input file name without extension>.
       mode: 'predict' or 'score' (MODE).
       split: task split (SPLIT).
-      num_examples: examples over all processes (NUM_EXAMPLES); None reads the whole split, which never
-        ends for the synthetic tasks.
+      num_examples: a task's examples over all processes (NUM_EXAMPLES); None reads the whole split, which
+        never ends for the synthetic tasks. A prompt file is always read whole.
       batch_size: examples per batch over all processes (BATCH_SIZE).
       task_feature_lengths: seqio trimming lengths, e.g. {'inputs': 256, 'targets': 256}; None: no trimming.
       prompt_length: prompt tokens of target-only examples (PROMPT_LENGTH).
@@ -144,47 +220,29 @@ def infer(
       setup_fns: called first, e.g. task registrations (the built-in tasks register on importing
         `lmops_jax.data.tasks`, as `lmops_jax.infer` and infer.gin do).
     """
-    _check_args(checkpoint_path=checkpoint_path, mixture_or_task_name=mixture_or_task_name)
+    _check_args(checkpoint_path, mixture_or_task_name, input_file)
     if mode not in MODES:
         raise ValueError(f"MODE must be one of {MODES}, got {mode!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"BATCH_SIZE must be a positive int, got {batch_size!r}")
-    import seqio
+    file_examples = None if input_file is None else _file_examples(input_file, mode)  # bad lines fail first
     for fn in setup_fns:
         fn()
-    try:
-        task = seqio.get_mixture_or_task(mixture_or_task_name)
-    except ValueError as e:
-        raise ValueError(f"unknown seqio task or mixture {mixture_or_task_name!r} (MIXTURE_OR_TASK_NAME)") from e
+    task = None if mixture_or_task_name is None else _task(mixture_or_task_name)
     if output_dir is None:
         model_dir = os.path.dirname(checkpoints.resolve(checkpoint_path)[0])
-        output_dir = os.path.join(model_dir, "infer", f"{mixture_or_task_name}_{split}")
+        name = (f"{mixture_or_task_name}_{split}" if input_file is None
+                else os.path.splitext(os.path.basename(input_file))[0])
+        output_dir = os.path.join(model_dir, "infer", name)
     module = InferenceModule.from_checkpoint(
         checkpoint_path, dtype=dtype, mesh_shape=mesh_shape, logical_axis_rules=logical_axis_rules,
-        vocabulary=task.output_features["targets"].vocabulary)
-    vocab = module.vocabulary
+        vocabulary=None if task is None else task.output_features["targets"].vocabulary)
     start = time.time()
-    examples = [_split_example(ex, prompt_length)
-                for ex in _examples(task, split, num_examples, task_feature_lengths, seed)]
-    local_batch = max(1, batch_size // jax.process_count())
-    num_batches = -(-len(examples) // local_batch)
-    if module.spans_processes:  # every process must join every jitted call
-        num_batches = int(np.max(multihost_utils.process_allgather(np.array(num_batches))))
-    records: list[dict] = []
-    for b in range(num_batches):
-        chunk = examples[b * local_batch:(b + 1) * local_batch]
-        run = chunk or [([1], [1])]  # a dummy row for a process whose shard ran out
-        prompts, references = [p for p, _ in run], [r for _, r in run]
-        if mode == "predict":
-            out = module.generate(prompts, max_new_tokens=max_new_tokens, method=method, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
-                                  seed=seed + b)
-            values = [{"prediction": vocab.decode(t), "log_prob": float(lp)}
-                      for t, lp in zip(out.tokens, out.log_probs)]
-        else:
-            values = [{"score": float(s)} for s in module.score(prompts, references)]
-        for i, (prompt, reference) in enumerate(chunk):
-            records.append({"inputs": vocab.decode(prompt), "targets": vocab.decode(reference), **values[i]})
+    examples = file_examples if file_examples is not None else _task_examples(
+        task, module.vocabulary, split, num_examples, task_feature_lengths, prompt_length, seed)
+    decode_args = dict(max_new_tokens=max_new_tokens, method=method, temperature=temperature, top_k=top_k,
+                       top_p=top_p, num_beams=num_beams, length_penalty=length_penalty)
+    records = _run_batches(module, examples, mode, batch_size, seed, decode_args)
     logging.info("%s: %d examples in %.1f s", mode, len(records), time.time() - start)
 
     os.makedirs(output_dir, exist_ok=True)
@@ -205,11 +263,12 @@ def infer(
                 out_file.writelines(lines)
                 merged.extend(json.loads(line) for line in lines)
                 os.remove(path)
-        metrics = {"task": mixture_or_task_name, "split": split, "mode": mode, "checkpoint": checkpoint_path,
-                   **_metrics(task, mode, merged)}
+        source = {"task": mixture_or_task_name, "split": split} if input_file is None else {"input_file": input_file}
+        metrics = {**source, "mode": mode, "checkpoint": checkpoint_path,
+                   **_metrics(task if input_file is None else None, mode, merged)}
         with open(os.path.join(output_dir, "metrics.json"), "w", encoding="utf-8") as f:
             json.dump(metrics, f, indent=2)
-        logging.info("wrote %s and metrics.json to %s: %s", f"{mode}.jsonl", output_dir, metrics)
+        logging.info("outputs in %s: %s.jsonl, metrics.json (%s)", output_dir, mode, metrics)
     if count > 1:
         multihost_utils.sync_global_devices("lmops_jax.inference.infer: merged")
     return metrics

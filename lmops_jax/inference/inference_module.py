@@ -6,11 +6,14 @@
 
 Prompts. Strings are tokenized with the vocabulary (the checkpoint task's, else `seqio.ByteVocabulary`);
 int token lists / arrays are used as given. The model formats them (`BaseModel.prompt_tokens`,
-`score_features`, `logits_features`): decoder-only prompts get `bos_id` (default 0) prepended, because
-`seqio.DecoderFeatureConverter` shifts targets right with 0, so models trained here saw 0 before every
-sequence; encoder-decoder string prompts get EOS appended as seqio tasks do, and the decoder starts
-from token 0. This module only calls the model contract (`models.model`): it never branches on the
-model family, so any `BaseModel` (e.g. `peft.LoraModel`) runs through it.
+`score_features`, `logits_features`): decoder-only prompts get `bos_id` prepended, and encoder-decoder
+string prompts get EOS appended as seqio tasks do. `from_checkpoint` takes both defaults from the
+checkpoint's model spec: a model imported from Hugging Face stores its own ids
+(`models.spec.SpecialTokens`); models trained here follow seqio's convention (BOS 0, because
+`seqio.DecoderFeatureConverter` shifts targets right with 0, so they saw 0 before every sequence; EOS
+the vocabulary's, 1 for seqio's), which is also the constructor's default. This module only calls the
+model contract (`models.model`): it never branches on the model family, so any `BaseModel` (e.g.
+`peft.LoraModel`) runs through it.
 
 Batching and the KV cache. Prompts of a batch are right-padded; each example's true length goes to
 `model.prefill`, which writes the whole padded prompt into the cache (`model.init_cache(batch, prompt
@@ -33,11 +36,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import enum
 import functools
 import numbers
 from typing import Any, Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,11 +50,22 @@ from lmops_jax.inference import beam_search as beam_lib
 from lmops_jax.inference import decoding
 from lmops_jax.models import loading
 from lmops_jax.models.model import BaseModel
+from lmops_jax.models.spec import SEQIO_CONVENTION
 from lmops_jax.partitioning import Partitioner
 
 METHODS = ("greedy", "sample", "beam")
 DEFAULT_MAX_LENGTH = 2048
 Tokens = Sequence[Sequence[int]] | np.ndarray
+
+
+class _FromCheckpoint(enum.Enum):
+    """The type of `FROM_CHECKPOINT`, the default that `from_checkpoint` replaces by the checkpoint's id
+    (None already means "no token")."""
+
+    TOKEN = "the checkpoint's"
+
+
+FROM_CHECKPOINT = _FromCheckpoint.TOKEN
 
 
 @dataclasses.dataclass
@@ -98,11 +112,14 @@ class InferenceModule:
       max_length: most tokens of a request: prompt + new tokens for `generate`, each row of a
         `score` / `logits` batch; default the model's `max_length`, else 2048.
       bos_id: token prepended to decoder-only prompts (None: nothing); see the module docstring.
+      eos_id: the default of `generate`'s eos_id and the EOS appended to encoder-decoder string prompts;
+        None: the vocabulary's EOS (1 without a vocabulary).
       min_length_bucket: smallest padded length.
     """
 
     def __init__(self, model: BaseModel, params: Any, partitioner: Partitioner | None = None, vocabulary: Any = None,
-                 *, max_length: int | None = None, bos_id: int | None = 0, min_length_bucket: int = 8):
+                 *, max_length: int | None = None, bos_id: int | None = 0, eos_id: int | None = None,
+                 min_length_bucket: int = 8):
         if not isinstance(model, BaseModel):
             raise TypeError(f"model must be a BaseModel, got {type(model).__name__}")
         self.model = model
@@ -110,20 +127,10 @@ class InferenceModule:
         self._vocabulary = vocabulary
         self.max_length = _check_int("max_length", max_length or model.max_length or DEFAULT_MAX_LENGTH, 1)
         self.bos_id = None if bos_id is None else _check_int("bos_id", bos_id, 0)
+        self.eos_id = None if eos_id is None else _check_int("eos_id", eos_id, 0)
         self.min_length_bucket = _check_int("min_length_bucket", min_length_bucket, 1)
         self.trace_counts: collections.Counter = collections.Counter()
-        abstract, shardings = loading.param_shardings(model, self.partitioner)
-        params = nn.meta.unbox(params)
-        if jax.tree.structure(params) != jax.tree.structure(abstract):
-            given = sorted(params) if isinstance(params, Mapping) else type(params).__name__
-            raise ValueError(f"params do not match the model's parameter tree (top-level keys {sorted(abstract)}, "
-                             f"got {given}); pass the 'params' collection itself")
-        for (path, p), a in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(abstract)):
-            if tuple(p.shape) != tuple(a.shape):
-                raise ValueError(f"param {jax.tree_util.keystr(path)} has shape {tuple(p.shape)}, the model "
-                                 f"expects {tuple(a.shape)}")
-        params = jax.tree.map(lambda p, a: p if p.dtype == a.dtype else p.astype(a.dtype), params, abstract)
-        self.params = jax.device_put(params, shardings)
+        self.params = loading.place_params(model, params, self.partitioner)
         mesh = self.partitioner.mesh
         self._spans_processes = any(d.process_index != jax.process_index() for d in mesh.devices.flat)
         self._data_sharding = self.partitioner.data_sharding()
@@ -138,7 +145,8 @@ class InferenceModule:
     @classmethod
     def from_checkpoint(cls, path: str, *, dtype: str | None = None, mesh_shape: Mapping[str, int] | None = None,
                         logical_axis_rules: Any = "tp", max_length: int | None = None, vocabulary: Any = None,
-                        bos_id: int | None = 0) -> InferenceModule:
+                        bos_id: int | None | _FromCheckpoint = FROM_CHECKPOINT,
+                        eos_id: int | None = None) -> InferenceModule:
         """Rebuilds the model from the checkpoint's model spec (`models.loading`) and restores its params only.
 
         Args:
@@ -146,8 +154,10 @@ class InferenceModule:
           dtype: None keeps the checkpoint's dtypes; "bfloat16" casts params and computes in bf16.
           mesh_shape: e.g. {'data': 1, 'fsdp': 1, 'model': -1}; None: one local device.
           logical_axis_rules: rules used with `mesh_shape` (default tensor parallel, 'tp').
-          max_length, vocabulary, bos_id: as for the constructor; the vocabulary defaults to the one the
-            checkpoint describes (a byte vocabulary, the default, is built only when text is tokenized).
+          max_length, vocabulary, bos_id, eos_id: as for the constructor; the vocabulary defaults to the
+            one the checkpoint describes (a byte vocabulary, the default, is built only when text is
+            tokenized), bos_id and eos_id to the checkpoint's special tokens (seqio's convention when it
+            stores none: BOS 0, the vocabulary's EOS).
         """
         loaded = loading.read_spec(path)
         model = loading.with_dtype(loaded.model, dtype)
@@ -156,7 +166,10 @@ class InferenceModule:
         params = loading.restore_params(path, model, partitioner)
         if vocabulary is None and loaded.vocabulary is not None and loaded.vocabulary.kind != "byte":
             vocabulary = loaded.vocabulary.build()
-        return cls(model, params, partitioner, vocabulary, max_length=max_length, bos_id=bos_id)
+        special = loaded.special_tokens or SEQIO_CONVENTION
+        return cls(model, params, partitioner, vocabulary, max_length=max_length,
+                   bos_id=special.bos_id if bos_id is FROM_CHECKPOINT else bos_id,
+                   eos_id=special.eos_id if eos_id is None else eos_id)
 
     # ------------------------------------------------------------------------------------ helpers
     @property
@@ -242,9 +255,16 @@ class InferenceModule:
         batch, *lengths = self._buckets(len(rows_per_feature[0]), *(max(map(len, r)) for r in rows_per_feature))
         return {name: self._pad(rows, (batch, length)) for (name, rows), length in zip(features.items(), lengths)}
 
+    @property
+    def default_eos_id(self) -> int:
+        """`eos_id` when given, else the vocabulary's EOS (1 without a vocabulary)."""
+        if self.eos_id is not None:
+            return self.eos_id
+        return int(self.vocabulary.eos_id) if self._vocabulary is not None else 1
+
     def _eos(self, eos_id: int | None) -> int:
         if eos_id is None:
-            return int(self.vocabulary.eos_id) if self._vocabulary is not None else 1
+            return self.default_eos_id
         if not isinstance(eos_id, numbers.Integral) or eos_id < -1:
             raise ValueError(f"eos_id must be a token id or -1 (never stop), got {eos_id!r}")
         return int(eos_id)
@@ -258,7 +278,7 @@ class InferenceModule:
 
         method: "greedy", "sample" (temperature, top_k, top_p, num_decodes samples per prompt; `rng`
         or else `seed` fixes the draws) or "beam" (num_beams, length_penalty; see beam_search).
-        eos_id defaults to the vocabulary's EOS (1 for seqio vocabularies).
+        eos_id defaults to `default_eos_id` (the checkpoint's EOS, else the vocabulary's: 1 for seqio's).
         """
         if method not in METHODS:
             raise ValueError(f"unknown decoding method {method!r}; choose one of {METHODS}")
@@ -269,7 +289,7 @@ class InferenceModule:
             decoding.check_sampling_args(temperature, top_k, top_p)
         eos_id = self._eos(eos_id)
         rows, is_text = self._tokenize(prompts, "prompts")
-        text_eos = self.vocabulary.eos_id if is_text else None
+        text_eos = self.default_eos_id if is_text else None
         rows = [self.model.prompt_tokens(row, bos_id=self.bos_id, eos_id=text_eos) for row in rows]
         for i, row in enumerate(rows):
             if not row:
@@ -332,7 +352,7 @@ class InferenceModule:
         if len(in_rows) != len(tgt_rows):
             raise ValueError(f"got {len(in_rows)} inputs but {len(tgt_rows)} targets")
         features = self.model.score_features(in_rows, tgt_rows, bos_id=self.bos_id,
-                                             eos_id=self.vocabulary.eos_id if in_text else None)
+                                             eos_id=self.default_eos_id if in_text else None)
         arrays = self._padded(features, "inputs[{i}] / targets[{i}]")
         with self.partitioner.context():
             scores = self._score_jit(self.params, {k: self._put(v) for k, v in arrays.items()})

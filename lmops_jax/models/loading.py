@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import flax.linen as nn
 import jax
@@ -103,11 +104,17 @@ def spec_from_gin(config_text: str, source: str = "<gin config>") -> ModelSpec:
 def read_spec(path: str) -> ModelSpec:
     """The model spec stored with a checkpoint, else (older checkpoints) the one its gin text gives.
 
-    Raises CheckpointError naming the checkpoint when it holds neither, or a spec this code cannot read.
+    A relative vocabulary path (a tokenizer copied into the model directory) is rooted at the model
+    directory. Raises CheckpointError naming the checkpoint when it holds neither, or a spec this code
+    cannot read.
     """
     stored = checkpoints.read_model_spec(path)
     if stored is not None:
-        return ModelSpec.from_json(stored, repr(path))
+        loaded = ModelSpec.from_json(stored, repr(path))
+        if loaded.vocabulary is None:
+            return loaded
+        model_dir = os.path.dirname(checkpoints.resolve(path)[0])
+        return dataclasses.replace(loaded, vocabulary=loaded.vocabulary.under(model_dir))
     config_text = checkpoints.read_config(path)
     if not config_text.strip():
         raise CheckpointError(f"checkpoint {path!r} has no gin config and no model spec, so its model cannot be "
@@ -145,6 +152,23 @@ def param_shardings(model: BaseModel, partitioner: Partitioner) -> tuple[Any, An
     """(abstract unboxed params, their NamedShardings) of `model` under the partitioner's rules."""
     shapes = model.input_shapes(1, {"inputs": 8, "targets": 8})  # param shapes do not depend on lengths
     return abstract_params(lambda key: model.init_params(key, shapes), partitioner)
+
+
+def place_params(model: BaseModel, params: Any, partitioner: Partitioner) -> Any:
+    """`params` (boxed or not, on host or device) checked against `model`'s parameter tree, cast to its
+    param dtype and placed on its shardings. Raises ValueError naming the first param that does not fit."""
+    abstract, shardings = param_shardings(model, partitioner)
+    params = nn.meta.unbox(params)
+    if jax.tree.structure(params) != jax.tree.structure(abstract):
+        given = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+        raise ValueError(f"params do not match the model's parameter tree (top-level keys {sorted(abstract)}, "
+                         f"got {given}); pass the 'params' collection itself")
+    for (path, p), a in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(abstract)):
+        if tuple(p.shape) != tuple(a.shape):
+            raise ValueError(f"param {jax.tree_util.keystr(path)} has shape {tuple(p.shape)}, the model "
+                             f"expects {tuple(a.shape)}")
+    params = jax.tree.map(lambda p, a: p if p.dtype == a.dtype else p.astype(a.dtype), params, abstract)
+    return jax.device_put(params, shardings)
 
 
 def restore_params(path: str, model: BaseModel, partitioner: Partitioner) -> Any:

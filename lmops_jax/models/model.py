@@ -101,6 +101,18 @@ class BaseModel(abc.ABC):
         return None
 
     # Decode API (module docstring).
+    @property
+    @abc.abstractmethod
+    def prompt_shares_cache(self) -> bool:
+        """Whether a prompt takes positions of the decoding cache, as a decoder-only model's does.
+
+        True: a row holds prompt + generated tokens within max_length, and `prefill` called again on a
+        row continues it at its cache_index, so a long prompt can be fed in chunks and a cached prefix
+        of a row reused. False (encoder-decoder): the prompt gets its own region of init_cache's
+        prompt_length positions, filled by one `prefill` of the whole prompt (the encoder sees all of
+        it at once), and max_length - prompt_length positions are left for the generated tokens.
+        """
+
     @abc.abstractmethod
     def init_cache(self, batch: int, max_length: int, prompt_length: int | None = None) -> Cache:
         """An empty decoding cache (zeros, every row at position 0) for `batch` rows.
@@ -123,6 +135,14 @@ class BaseModel(abc.ABC):
     @abc.abstractmethod
     def decode_step(self, params: Params, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         """Feeds one token per row, int32 [B], at each row's own position: (float32 logits [B, V], cache)."""
+
+    def decode_tokens(self, params: Params, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+        """Feeds L tokens per row, int32 [B, L], from each row's cache_index: (float32 logits [B, L, V] at
+        every position, cache with cache_index advanced by L). Speculative decoding verifies a draft's
+        tokens with it. Only models whose prompt shares the cache (decoder-only) decode several tokens
+        at once."""
+        raise NotImplementedError(f"{type(self).__name__} decodes one token per row at a time (decode_step); "
+                                  "feeding several at once needs a model whose prompt shares the cache")
 
     # Request formats: token lists -> unpadded rows (module docstring).
     @abc.abstractmethod
@@ -261,6 +281,10 @@ class DecoderOnlyModel(BaseModel):
     def max_length(self) -> int:
         return self.config.max_length
 
+    @property
+    def prompt_shares_cache(self) -> bool:
+        return True
+
     def init_cache(self, batch, max_length, prompt_length=None):
         """Per layer self-attention keys/values [B, K, Dh, S = max_length] (the prompt's too), and
         cache_index [B]. prompt_length is only checked: the prompt shares the max_length slots."""
@@ -281,6 +305,10 @@ class DecoderOnlyModel(BaseModel):
     def decode_step(self, params, tokens, cache):
         logits, cache = _apply_decode(self.module, params, cache, tokens[:, None])
         return logits[:, 0].astype(jnp.float32), cache
+
+    def decode_tokens(self, params, tokens, cache):
+        logits, cache = _apply_decode(self.module, params, cache, tokens)
+        return logits.astype(jnp.float32), cache
 
     def prompt_tokens(self, prompt, *, bos_id=None, eos_id=None):
         """[bos_id] + prompt: the prompt is the start of the sequence the model continues."""
@@ -360,6 +388,10 @@ class EncoderDecoderModel(BaseModel):
         """Per target token; see `encoder_decoder.training_flops_per_token`."""
         return encoder_decoder.training_flops_per_token(
             self.config, int(task_feature_lengths["inputs"]), int(task_feature_lengths["targets"]))
+
+    @property
+    def prompt_shares_cache(self) -> bool:
+        return False
 
     def init_cache(self, batch, max_length, prompt_length=None):
         """Encoder side, for prompts of up to Le = prompt_length tokens: per decoder layer the

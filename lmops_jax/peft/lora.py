@@ -230,6 +230,10 @@ class LoraModel(BaseModel):
     def max_length(self) -> int | None:
         return self.base.max_length
 
+    @property
+    def prompt_shares_cache(self) -> bool:
+        return self.base.prompt_shares_cache
+
     def init_cache(self, batch, max_length, prompt_length=None):
         """The base model's cache: adapters change weights, not what is cached."""
         return self.base.init_cache(batch, max_length, prompt_length)
@@ -241,6 +245,10 @@ class LoraModel(BaseModel):
     def decode_step(self, params, tokens, cache):
         return type(self.base).decode_step(_ModuleSwap(self.base, self.module), jax.tree.map(jnp.asarray, params),
                                            tokens, cache)
+
+    def decode_tokens(self, params, tokens, cache):
+        return type(self.base).decode_tokens(_ModuleSwap(self.base, self.module), jax.tree.map(jnp.asarray, params),
+                                             tokens, cache)
 
     def prompt_tokens(self, prompt, *, bos_id=None, eos_id=None):
         return self.base.prompt_tokens(prompt, bos_id=bos_id, eos_id=eos_id)

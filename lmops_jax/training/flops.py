@@ -25,6 +25,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+logger = logging.getLogger(__name__)
+
 CACHE_FILE = "peak_flops.json"
 
 
@@ -82,7 +84,7 @@ def _read_cache(path: str) -> dict:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
-        logging.warning("ignoring the unreadable peak FLOP/s cache %s: %s", path, e)
+        logger.warning("ignoring the unreadable peak FLOP/s cache %s: %s", path, e)
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -97,7 +99,7 @@ def _write_cache(path: str, data: dict) -> None:
             json.dump(data, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
     except OSError as e:
-        logging.warning("could not write the peak FLOP/s cache %s (%s); the next run measures again", path, e)
+        logger.warning("could not write the peak FLOP/s cache %s (%s); the next run measures again", path, e)
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.remove(tmp)

@@ -14,9 +14,9 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 
 from lmops_jax import checkpoints
-from lmops_jax.training import flops
-from lmops_jax.cli import gin_flags as gin_utils
-from lmops_jax.cli import runner
+from lmops_jax.training import flops, progress as progress_lib
+from lmops_jax.cli import gin_flags
+from lmops_jax.cli import gin_render, runner
 from lmops_jax.cli.runner import Preempted
 from lmops_jax.checkpoints import CheckpointConfig, Checkpointer
 from lmops_jax.models.model import BaseModel
@@ -27,11 +27,13 @@ from lmops_jax.training.summaries import MetricsWriter
 from lmops_jax.training.trainer import Trainer
 from lmops_jax.training.train_state import TrainState, overlay_params, param_count
 
+logger = logging.getLogger(__name__)
+
 
 def _check_required(**values: Any) -> None:
-    missing = [name for name, value in values.items() if gin_utils.is_required_sentinel(value)]
+    missing = [name for name, value in values.items() if gin_flags.is_required_sentinel(value)]
     if missing:
-        raise gin_utils.GinConfigError(f"train(): required arguments not bound by gin: {', '.join(missing)}")
+        raise gin_flags.GinConfigError(f"train(): required arguments not bound by gin: {', '.join(missing)}")
 
 
 def _check_vocabulary(task_name: str, model: BaseModel) -> None:
@@ -54,8 +56,32 @@ def _model_spec(model: BaseModel, task_name: str) -> dict | None:
     try:
         return ModelSpec(model, VocabularySpec.describe(vocabulary, task_name)).to_json()
     except TypeError as e:
-        logging.warning("checkpoints will hold no model spec, only the gin text: %s", e)
+        logger.warning("checkpoints will hold no model spec, only the gin text: %s", e)
         return None
+
+
+# train() arguments written as the macros of gin_configs/runs/pretrain.gin, so `--gin.TRAIN_STEPS=...` works
+# on a config.gin written for a run started from Python.
+_ARGUMENT_MACROS = {
+    "model": "MODEL", "model_dir": "MODEL_DIR", "train_steps": "TRAIN_STEPS",
+    "mixture_or_task_name": "MIXTURE_OR_TASK_NAME", "task_feature_lengths": "TASK_FEATURE_LENGTHS",
+    "batch_size": "BATCH_SIZE", "num_microbatches": "NUM_MICROBATCHES", "seed": "SEED", "log_period": "LOG_PERIOD",
+    "eval_period": "EVAL_PERIOD", "eval_steps": "EVAL_STEPS", "peak_flops": "PEAK_FLOPS",
+    "initial_checkpoint_path": "INITIAL_CHECKPOINT_PATH",
+}
+
+
+def python_run_config(arguments: Mapping[str, Any]) -> str:
+    """The gin config of a `train()` called from Python with `arguments` (all but config_str).
+
+    It binds every argument gin can express (the others are listed as comments), so the run's
+    config.gin records it and `python -m lmops_jax.train --gin_file=MODEL_DIR/config.gin` continues it.
+    """
+    macros = {_ARGUMENT_MACROS[k]: v for k, v in arguments.items() if k in _ARGUMENT_MACROS}
+    params = {k: gin_render.Macro(_ARGUMENT_MACROS[k]) if k in _ARGUMENT_MACROS else v for k, v in arguments.items()}
+    return gin_render.render(macros, {train: params}, header="Written by lmops_jax.training.train.train() called "
+                             "from Python: the run's arguments\n(python -m lmops_jax.train --gin_file=<this file> "
+                             "continues it).")
 
 
 class _StopOnSignals:
@@ -130,6 +156,7 @@ def train(
     initial_checkpoint_path: str | None = None,
     assignment_map: Sequence[tuple[str, str | None]] = (),
     init_missing_params: bool = False,
+    progress: bool | None = None,
     config_str: str | None = None,
 ) -> tuple[Trainer, TrainState]:
     """Trains `model` on a seqio task or mixture and returns (trainer, final state).
@@ -159,16 +186,24 @@ def train(
         checkpoint; step and optimizer state start fresh (INITIAL_CHECKPOINT_PATH).
       assignment_map: regex rules from checkpoint param names to model names (see checkpoints.map_names).
       init_missing_params: initialize model params absent from the initial checkpoint from scratch.
-      config_str: gin config text, written to MODEL_DIR/config.gin and into every checkpoint (every
-        checkpoint also stores the model spec, so runs from Python load without gin).
+      progress: print the library's log lines (the progress line, a tqdm bar when tqdm is installed) on
+        stdout, with no logging set up; None: only when logging would not show them (a notebook), not
+        under the CLI, which logs them (`training.progress.Display`).
+      config_str: gin config text, written to MODEL_DIR/config.gin and into every checkpoint; None (a call
+        from Python) writes `python_run_config` of the arguments instead. Every checkpoint also stores the
+        model spec, so loading never needs the gin text.
 
     SIGTERM or SIGINT during training saves a checkpoint at the current step, waits for it, and raises
     `Preempted`; running the same command again resumes with no step lost.
     """
+    # Only the arguments exist yet; progress is a display choice, not part of the run.
+    arguments = {name: value for name, value in locals().items() if name not in ("config_str", "progress")}
     _check_required(model=model, model_dir=model_dir, train_steps=train_steps,
                     mixture_or_task_name=mixture_or_task_name, task_feature_lengths=task_feature_lengths,
                     batch_size=batch_size)
-    from lmops_jax.data import pipeline, tasks  # TensorFlow is imported only when data is needed
+    if config_str is None:
+        config_str = python_run_config(arguments)
+    from lmops_jax.data import pipeline  # TensorFlow is imported only when data is needed
 
     for fn in setup_fns:
         fn()
@@ -192,49 +227,69 @@ def train(
     trainer.check_data(mixture_or_task_name, task_feature_lengths)
 
     os.makedirs(model_dir, exist_ok=True)
-    if config_str is not None and jax.process_index() == 0:
+    if jax.process_index() == 0:
         with open(os.path.join(model_dir, "config.gin"), "w", encoding="utf-8") as f:
             f.write(config_str)
-
-    checkpointer = Checkpointer(model_dir, checkpoint)
-    state, start = _initial_state(trainer, checkpointer, train_batches, initial_checkpoint_path, assignment_map,
-                                  init_missing_params)
-    logging.info("%s: %s parameters (%s trainable); mesh %s; rules %s", start, f"{param_count(state.params):,}",
-                 f"{trainer.optimizer.trainable_count(state.params):,}",
-                 partitioner.axis_sizes, partitioner.rules)
-    compute_dtype = getattr(getattr(model, "config", None), "dtype", "float32")
-    peak = flops.job_peak_flops(peak_flops, compute_dtype)
-    logging.info("peak for MFU: %.3g FLOP/s (%s, %s)", peak.flops, compute_dtype, peak.source)
-    peak_flops = peak.flops
-
-    optimal_loss = tasks.known_optimal_loss(mixture_or_task_name, task_feature_lengths)
-    if optimal_loss is not None:
-        logging.info("optimal loss of %s at these lengths (the source's entropy): %.4f nats/token",
-                     mixture_or_task_name, optimal_loss)
 
     def save(step: int, current: TrainState, force: bool = False) -> None:
         checkpointer.save(step, trainer.checkpoint_view(current), data_state=train_batches.get_state(),
                           config_str=config_str, model_spec=model_spec, force=force)
 
     def after_step(step: int, current: TrainState) -> None:
+        display.advance(step)
         if stop.requested:
             save(step, current, force=True)
             checkpointer.wait()
             raise Preempted(step, stop.requested)
         save(step, current)
 
+    checkpointer = Checkpointer(model_dir, checkpoint)
     writer = MetricsWriter(model_dir)
     try:
-        with _StopOnSignals() as stop:
-            state = trainer.fit(state, train_batches, writer=writer, log_period=log_period,
-                                eval_batches_fn=eval_batches_fn, eval_period=eval_period, eval_steps=eval_steps,
-                                peak_flops=peak_flops, after_step=after_step, optimal_loss=optimal_loss)
-        save(int(jax.device_get(state.step)), state, force=True)
-        checkpointer.wait()
+        with progress_lib.Display(progress, train_steps) as display:
+            state, start = _initial_state(trainer, checkpointer, train_batches, initial_checkpoint_path,
+                                          assignment_map, init_missing_params)
+            peak_flops, optimal_loss = _log_start(start, trainer, state, peak_flops, mixture_or_task_name)
+            with _StopOnSignals() as stop:
+                state = trainer.fit(state, train_batches, writer=writer, log_period=log_period,
+                                    eval_batches_fn=eval_batches_fn, eval_period=eval_period, eval_steps=eval_steps,
+                                    peak_flops=peak_flops, after_step=after_step, optimal_loss=optimal_loss)
+            save(int(jax.device_get(state.step)), state, force=True)
+            checkpointer.wait()
+            logger.info("%s", _outputs_line(model_dir, checkpointer))
     finally:
         writer.close()
         checkpointer.close()
     return trainer, state
+
+
+def _log_start(start: str, trainer: Trainer, state: TrainState, peak_flops: float | None,
+               mixture_or_task_name: str) -> tuple[float, float | None]:
+    """Logs how the run starts (parameters, mesh, the MFU peak, the task's optimal loss) and returns the
+    job's peak FLOP/s for MFU and the optimal loss in nats/token (None when the task has none)."""
+    from lmops_jax.data import tasks
+
+    logger.info("%s: %s parameters (%s trainable); mesh %s; rules %s", start, f"{param_count(state.params):,}",
+                f"{trainer.optimizer.trainable_count(state.params):,}",
+                trainer.partitioner.axis_sizes, trainer.partitioner.rules)
+    compute_dtype = getattr(getattr(trainer.model, "config", None), "dtype", "float32")
+    peak = flops.job_peak_flops(peak_flops, compute_dtype)
+    logger.info("peak for MFU: %.3g FLOP/s (%s, %s)", peak.flops, compute_dtype, peak.source)
+    optimal_loss = tasks.known_optimal_loss(mixture_or_task_name, trainer.task_feature_lengths)
+    if optimal_loss is not None:
+        logger.info("optimal loss of %s at these lengths (the source's entropy): %.4f nats/token",
+                    mixture_or_task_name, optimal_loss)
+    return peak.flops, optimal_loss
+
+
+def _outputs_line(model_dir: str, checkpointer: Checkpointer) -> str:
+    """'outputs in MODEL_DIR: metrics.jsonl, tensorboard/, config.gin, checkpoints/ (steps 10, 20)',
+    the last line of a run, naming what exists."""
+    entries = [name + ("/" if os.path.isdir(path) else "") for name in ("metrics.jsonl", "tensorboard", "config.gin")
+               if os.path.exists(path := os.path.join(model_dir, name))]
+    steps = ", ".join(str(step) for step in checkpointer.all_steps())
+    entries.append(f"{os.path.relpath(checkpointer.directory, model_dir)}/ (steps {steps or 'none'})")
+    return f"outputs in {model_dir}: {', '.join(entries)}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

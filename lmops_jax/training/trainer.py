@@ -25,6 +25,8 @@ from lmops_jax.partitioning import Partitioner
 from lmops_jax.training.summaries import MetricsWriter
 from lmops_jax.training.train_state import TrainState
 
+logger = logging.getLogger(__name__)
+
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 WEIGHTS_KEY = "decoder_loss_weights"
@@ -240,7 +242,7 @@ class Trainer:
             try:
                 batch = next(train_batches)
             except StopIteration:
-                logging.warning("training data ran out at step %d", step - 1)
+                logger.warning("training data ran out at step %d", step - 1)
                 step -= 1
                 break
             state, metrics = self.train_step(state, batch)
@@ -270,7 +272,7 @@ class Trainer:
             if record:
                 if writer is not None:
                     writer.write(step, record)
-                logging.info(format_log_line(step, self.num_train_steps, record))
+                logger.info("%s", format_log_line(step, self.num_train_steps, record))
         return state
 
 

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmops_jax.data import tasks
 from lmops_jax.data.hf_tokenizer import HFTokenizerVocabulary
+from lmops_jax.models import loading
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LINES = ["The quick brown fox jumps over the lazy dog.", "Tokenizers turn text into ids!",
@@ -170,6 +171,8 @@ def test_cli_trains_text_lm_with_a_tokenizer_path(bpe, tmp_path):
     steps = [json.loads(line)["step"] for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
     assert f"VOCABULARY = '{path}'" in (model_dir / "config.gin").read_text()
+    # The checkpoint names the tokenizer itself, not task text_lm (in a fresh process: the byte vocabulary).
+    assert loading.read_spec(str(model_dir)).vocabulary.build() == HFTokenizerVocabulary(path)
 
 
 def test_a_crash_with_a_live_pipeline_exits_instead_of_hanging(bpe, tmp_path):

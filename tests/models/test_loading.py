@@ -45,7 +45,8 @@ def _logits(module: InferenceModule) -> np.ndarray:
     lambda: T5,
     lambda: lora.LoraModel(base=tiny_llama(), rank=2, alpha=4.0, targets=".*/q_proj")], ids=["llama", "t5", "lora"])
 def test_spec_round_trips_through_json(make):
-    s = spec.ModelSpec(make(), spec.VocabularySpec("sentencepiece", "/v/spm.model", extra_ids=3))
+    s = spec.ModelSpec(make(), spec.VocabularySpec("sentencepiece", "/v/spm.model", extra_ids=3),
+                       spec.SpecialTokens(bos_id=1, eos_id=2, pad_id=0))
     record = json.loads(json.dumps(s.to_json()))
     assert spec.ModelSpec.from_json(record, "test") == s
     if isinstance(s.model, lora.LoraModel):
@@ -62,6 +63,12 @@ def test_spec_errors_name_the_field_version_and_family():
         spec.ModelSpec.from_json({**good, "family": "moe", "module": "my.moe"}, "ckpt")
     with pytest.raises(CheckpointError, match="vocabulary: cannot build VocabularySpec: .*'task' vocabulary needs"):
         spec.ModelSpec.from_json({**good, "vocabulary": {"kind": "task"}}, "ckpt")
+    with pytest.raises(CheckpointError, match=r"special_tokens: SpecialTokens has no fields \['sep_id'\]"):
+        spec.ModelSpec.from_json({**good, "special_tokens": {"sep_id": 3}}, "ckpt")
+    with pytest.raises(CheckpointError, match="special_tokens: cannot build SpecialTokens: .*eos_id must be"):
+        spec.ModelSpec.from_json({**good, "special_tokens": {"eos_id": -1}}, "ckpt")
+    v1 = {k: v for k, v in good.items() if k != "special_tokens"} | {"format_version": 1}
+    assert spec.ModelSpec.from_json(v1, "ckpt").special_tokens is None  # seqio's convention
 
     @dataclasses.dataclass(frozen=True)
     class Unregistered(model.DecoderOnlyModel):
@@ -82,6 +89,31 @@ def test_vocabulary_is_described_by_its_file_else_by_its_task():
     assert spec.VocabularySpec("task", task="never_registered").build() is None
 
 
+def test_hf_tokenizer_vocabulary_is_described_by_its_file_and_ids(tmp_path, monkeypatch):
+    """A checkpoint trained with --gin.VOCABULARY='/path/tokenizer.json' rebuilds that tokenizer, not the
+    byte vocabulary its task has in a fresh process; a relative path is rooted at the model directory."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from lmops_jax.data.hf_tokenizer import HFTokenizerVocabulary
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>", "hello", "world"])}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, "<unk>"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    os.makedirs(tmp_path / "tok")
+    tokenizer.save(str(tmp_path / "tok" / "tokenizer.json"))
+    monkeypatch.chdir(tmp_path)
+    vocabulary = HFTokenizerVocabulary("tok", extra_ids=2, eos_id=5)
+    described = spec.VocabularySpec.describe(vocabulary, "text_lm")
+    assert described == spec.VocabularySpec("hf_tokenizer", str(tmp_path / "tok" / "tokenizer.json"), 2, bos_id=2,
+                                            eos_id=5, pad_id=0, unk_id=1)
+    rebuilt = spec.ModelSpec.from_json(json.loads(json.dumps(spec.ModelSpec(T5, described).to_json())), "t")
+    assert rebuilt.vocabulary.build() == vocabulary and rebuilt.vocabulary.build().encode("hello world") == [4, 5]
+    relative = spec.VocabularySpec("hf_tokenizer", "tokenizer/tokenizer.json")
+    assert relative.under("/m").path == "/m/tokenizer/tokenizer.json"
+    assert described.under("/m") == described
+    with pytest.raises(ValueError, match=r"\['eos_id'\] apply only to an 'hf_tokenizer' vocabulary"):
+        spec.VocabularySpec("byte", eos_id=1)
+
+
 def test_with_dtype_and_default_partitioner():
     m = loading.with_dtype(tiny_llama(), "bfloat16")
     assert (m.config.dtype, m.config.param_dtype) == ("bfloat16", "bfloat16")
@@ -100,7 +132,7 @@ def test_checkpoint_written_by_python_train_loads_without_gin(tmp_path):
         task_feature_lengths={"targets": 16}, log_period=100, peak_flops=1e12,
         partitioner=partitioning.Partitioner({"data": 2}, devices=jax.devices()[:2]),
         optimizer=optimizers.OptimizerConfig(warmup_steps=1))
-    assert checkpoints.read_config(str(tmp_path)) == ""  # no gin text: the spec alone rebuilds the model
+    assert "called from Python" in checkpoints.read_config(str(tmp_path))  # python_run_config, for humans
     assert loading.read_spec(str(tmp_path)) == spec.ModelSpec(m, spec.VocabularySpec("byte"))
     restored = InferenceModule.from_checkpoint(str(tmp_path))
     expected = InferenceModule(m, jax.device_get(state.params))
