@@ -1,0 +1,340 @@
+"""The device side of serving: a slot engine in the shape of JetStream's `Engine` (MaxText's maxengine).
+
+    prefix = engine.prefill(tokens, true_length)     # one request into a one-row cache (+ first logits)
+    engine.insert(prefix, slot)                       # the row becomes decode slot `slot`
+    result = engine.generate(sampling)                # one compiled step for all slots
+    engine.free(slot)                                 # the slot is empty; its row is overwritten later
+
+Decode state (dense rows): the model's own cache for `max_slots` rows (`model.init_cache(max_slots,
+max_length, max_prompt_length)`), sharded by the partitioner's rules (KV heads over `model` with tensor
+parallelism), plus per slot the float32 logits [max_slots, V] that predict its next token and the
+number of tokens it has generated [max_slots]. `generate` samples every slot's token from those logits
+with the slot's own temperature / top-k / top-p and key (`SlotSampling`, arrays, so mixed requests
+never recompile; key = fold_in(request key, tokens generated)), then feeds the tokens through
+`model.decode_step`, so a slot's first token comes from its prefill logits, as in
+`decoding.generate`. Free slots compute garbage that nobody reads; `insert` overwrites every leaf of
+the row, its cache_index included.
+
+Prefill is jitted once per length bucket (powers of two from `min_prefill_bucket`, the last one
+`max_prompt_length`). For a model whose prompt shares the cache (`BaseModel.prompt_shares_cache`,
+decoder-only), `prefill(..., prefix=p)` continues the row of `p` at its cache_index: the scheduler
+feeds a long prompt chunk by chunk between decode steps, and a prompt longer than the largest bucket
+is fed in chunks of that bucket.
+
+Prefix-cache blocks (`prefix_cache_blocks` > 0, prompt-sharing models only): a pool on device holds the
+keys/values of `block_size` prompt positions per block, for every cache leaf whose last axis is the
+position (the model's documented [B, K, Dh, S] layout). `load_prefix` copies blocks into a fresh row
+(its cache_index set past them), `save_blocks` copies a prefilled row's blocks into the pool. Which
+blocks hold what is the host's bookkeeping (`serving.prefix_cache`).
+
+One process: the engine's mesh must hold only local devices.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmops_jax.inference import decoding
+from lmops_jax.models import loading
+from lmops_jax.models.model import BaseModel, Cache
+from lmops_jax.partitioning import Partitioner
+
+CACHE_INDEX = "cache_index"  # the per-row positions leaf every model cache holds (models.model)
+
+
+@dataclasses.dataclass
+class Prefix:
+    """A request prefilled into a one-row cache, not yet in a slot.
+
+    cache: the row (every leaf [1, ...]); logits: float32 [1, V] predicting the first new token, None
+    while no prompt token has been fed (a row made by `load_prefix`); length: prompt tokens in the row.
+    """
+
+    cache: Cache
+    logits: jax.Array | None
+    length: int
+    draft: Prefix | None = None  # the draft model's row of the same tokens (serving.speculative)
+
+
+@dataclasses.dataclass
+class SlotSampling:
+    """Per-slot sampling arrays for `Engine.generate` (host numpy; changing them never recompiles).
+
+    temperature float32 [S] (0 = greedy), top_k int32 [S] (0 = all), top_p float32 [S] in (0, 1],
+    key_data uint32 [S, ...]: each slot's request key (`jax.random.key_data`).
+    """
+
+    temperature: np.ndarray
+    top_k: np.ndarray
+    top_p: np.ndarray
+    key_data: np.ndarray
+
+    @classmethod
+    def greedy(cls, max_slots: int) -> SlotSampling:
+        key = np.asarray(jax.random.key_data(jax.random.key(0)))
+        return cls(np.zeros(max_slots, np.float32), np.zeros(max_slots, np.int32), np.ones(max_slots, np.float32),
+                   np.zeros((max_slots,) + key.shape, key.dtype))
+
+    def set(self, slot: int, *, temperature: float, top_k: int, top_p: float, seed: int) -> None:
+        """Slot `slot` samples with these knobs and the key of `seed` (an int in [0, 2**63))."""
+        self.temperature[slot], self.top_k[slot], self.top_p[slot] = temperature, top_k, top_p
+        key = jax.random.fold_in(jax.random.key(seed % 2 ** 32), seed >> 32)  # keys take 32-bit seeds
+        self.key_data[slot] = np.asarray(jax.random.key_data(key))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """One `generate` step, host arrays over slots (entries of free slots mean nothing).
+
+    tokens int32 [S]; logprobs float32 [S], each token's log-probability under the model's unmodified
+    distribution; finished bool [S]: the slot's row is full, so this was the last token it can take.
+    """
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    finished: np.ndarray
+
+    def emitted(self, slot: int) -> list[tuple[int, float]]:
+        """(token, logprob) pairs slot `slot` got this step, in order: one here (speculative steps give more)."""
+        return [(int(self.tokens[slot]), float(self.logprobs[slot]))]
+
+
+class DecodeState(NamedTuple):
+    cache: Cache  # the model's cache, every leaf [max_slots, ...]
+    logits: jax.Array  # float32 [max_slots, V]: predicts each slot's next token
+    steps: jax.Array  # int32 [max_slots]: tokens the slot's request has generated (folds its key)
+
+
+def _boxed_values(tree: Any) -> Any:
+    """The arrays of a boxed tree, without sharding constraints (out_shardings place them)."""
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree, is_leaf=is_box)
+
+
+def _prefill_buckets(min_bucket: int, longest: int) -> tuple[int, ...]:
+    """Powers of two from min_bucket below `longest`, then `longest` itself."""
+    buckets = [min_bucket]
+    while buckets[-1] < longest:
+        buckets.append(buckets[-1] * 2)
+    return tuple(b for b in buckets if b < longest) + (longest,)
+
+
+class Engine:
+    """Slots of dense cache rows over any `BaseModel` (module docstring).
+
+    Args:
+      model, params, partitioner: the model, its params (placed with `loading.place_params`) and the
+        mesh + rules (default one local device).
+      max_slots: decode slots (requests decoding at once).
+      max_length: positions of a slot; a request needs prompt + max_tokens <= max_length.
+      max_prompt_length: longest prompt; default max_length - 1, or max_length // 2 for a model whose
+        prompt has its own cache region (encoder-decoder: its encoder length).
+      min_prefill_bucket, prefill_buckets: prefill lengths compiled (default powers of two from
+        min_prefill_bucket up to max_prompt_length).
+      prefix_cache_blocks, block_size: prefix-cache pool size in blocks of block_size positions (0: none).
+    """
+
+    def __init__(self, model: BaseModel, params: Any, partitioner: Partitioner | None = None, *, max_slots: int,
+                 max_length: int, max_prompt_length: int | None = None, min_prefill_bucket: int = 8,
+                 prefill_buckets: Sequence[int] | None = None, prefix_cache_blocks: int = 0, block_size: int = 16):
+        if max_slots < 1 or max_length < 2:
+            raise ValueError(f"Engine needs max_slots >= 1 and max_length >= 2, got {max_slots}, {max_length}")
+        shares = model.prompt_shares_cache
+        self.model, self.max_slots, self.max_length = model, max_slots, max_length
+        self.max_prompt_length = max_prompt_length or (max_length - 1 if shares else max_length // 2)
+        if not 0 < self.max_prompt_length < max_length:
+            raise ValueError(f"max_prompt_length={self.max_prompt_length} must lie in [1, max_length={max_length})")
+        self.buckets = tuple(sorted(prefill_buckets or _prefill_buckets(min_prefill_bucket, self.max_prompt_length)))
+        if self.buckets[-1] > self.max_prompt_length or (not shares and self.buckets[-1] < self.max_prompt_length):
+            raise ValueError(f"prefill_buckets {self.buckets} must end at most at max_prompt_length="
+                             f"{self.max_prompt_length} (exactly there for a model without chunked prefill)")
+        if prefix_cache_blocks and not shares:
+            raise ValueError(f"prefix caching needs a model whose prompt shares the cache (decoder-only); "
+                             f"{type(model).__name__} encodes the whole prompt at once")
+        self.partitioner = partitioner or loading.default_partitioner()
+        self.params = loading.place_params(model, params, self.partitioner)
+        self.trace_counts: collections.Counter = collections.Counter()
+        replicated = self.partitioner.replicated
+        cache_boxed = jax.eval_shape(lambda: self._new_cache(max_slots))
+        row_boxed = jax.eval_shape(lambda: self._new_cache(1))
+        self._state_shardings = DecodeState(self.partitioner.shardings_of_boxed(cache_boxed), replicated, replicated)
+        self._row_shardings = self.partitioner.shardings_of_boxed(row_boxed)
+        self._empty_row = jax.jit(lambda: _boxed_values(self._new_cache(1)), out_shardings=self._row_shardings)
+        self._prefill_jit = jax.jit(self._prefill_fn, donate_argnums=1,
+                                    out_shardings=(replicated, self._row_shardings))
+        self._insert_jit = jax.jit(self._insert_fn, donate_argnums=0, out_shardings=self._state_shardings)
+        self._step_jit = jax.jit(self._step_fn, donate_argnums=1,
+                                 out_shardings=(self._state_shardings, replicated, replicated))
+        with self.partitioner.context():
+            self._state = jax.jit(lambda: DecodeState(
+                _boxed_values(self._new_cache(max_slots)), jnp.zeros((max_slots, model.vocab_size), jnp.float32),
+                jnp.zeros((max_slots,), jnp.int32)), out_shardings=self._state_shardings)()
+        self._occupied = np.zeros(max_slots, bool)
+        self._room = np.zeros(max_slots, np.int64)  # tokens each slot can still emit
+        self.block_size, self.prefix_cache_blocks = block_size, prefix_cache_blocks
+        if prefix_cache_blocks:
+            self._init_block_pool(row_boxed)
+
+    def _new_cache(self, batch: int) -> Cache:
+        """The model's empty cache for `batch` rows, boxed with its logical axes."""
+        return self.model.init_cache(batch, self.max_length, self.max_prompt_length)
+
+    # ------------------------------------------------------------------------------------- prefill
+    def capacity(self, prompt_length: int) -> int:
+        """Most tokens a request with a prompt of this length may generate."""
+        used = prompt_length if self.model.prompt_shares_cache else self.max_prompt_length
+        return self.max_length - used
+
+    def prefill(self, tokens: Sequence[int] | np.ndarray, true_length: int | None = None,
+                prefix: Prefix | None = None) -> Prefix:
+        """Feeds tokens[:true_length] into a fresh row, or after the row of `prefix` (whose cache is then
+        consumed): the Prefix with the logits predicting the next token. A fresh row needs the whole
+        prompt unless the model's prompt shares the cache; longer than the largest bucket, it is fed in
+        chunks of that bucket."""
+        tokens = np.asarray(tokens, np.int32).reshape(-1)
+        true_length = len(tokens) if true_length is None else int(true_length)
+        done = 0 if prefix is None else prefix.length
+        if not 0 < true_length <= len(tokens) or done + true_length > self.max_prompt_length:
+            raise ValueError(f"prefill: {true_length} tokens after {done} do not make a prompt of 1 to "
+                             f"max_prompt_length={self.max_prompt_length} tokens")
+        if prefix is not None and not self.model.prompt_shares_cache:
+            raise ValueError(f"prefill: {type(self.model).__name__} takes its whole prompt at once; no prefix")
+        cache = self._empty_row() if prefix is None else prefix.cache
+        logits = None
+        with self.partitioner.context():
+            for start in range(0, true_length, self.buckets[-1]):
+                chunk = tokens[start:min(true_length, start + self.buckets[-1])]
+                bucket = next(b for b in self.buckets if b >= len(chunk))
+                padded = np.zeros((1, bucket), np.int32)
+                padded[0, :len(chunk)] = chunk
+                logits, cache = self._prefill_jit(self.params, cache, padded, np.array([len(chunk)], np.int32))
+        return Prefix(cache, logits, done + true_length)
+
+    def _prefill_fn(self, params, cache, tokens, lengths):
+        self.trace_counts[f"prefill_{tokens.shape[1]}"] += 1
+        return self.model.prefill(params, tokens, lengths, cache)
+
+    # ---------------------------------------------------------------------------- slots and steps
+    def insert(self, prefix: Prefix, slot: int) -> None:
+        """Writes the prefilled row into decode slot `slot` (which must be free)."""
+        if prefix.logits is None:
+            raise ValueError("insert: the prefix has no logits yet; prefill at least one prompt token")
+        if not 0 <= slot < self.max_slots or self._occupied[slot]:
+            raise ValueError(f"insert: slot {slot} is not a free slot of {self.max_slots}")
+        with self.partitioner.context():
+            self._state = self._insert_jit(self._state, prefix.cache, prefix.logits, np.int32(slot))
+        self._occupied[slot] = True
+        self._room[slot] = self.capacity(prefix.length)
+
+    def _insert_fn(self, state: DecodeState, row: Cache, logits: jax.Array, slot: jax.Array) -> DecodeState:
+        self.trace_counts["insert"] += 1
+        cache = jax.tree.map(lambda rows, one: jax.lax.dynamic_update_slice_in_dim(rows, one, slot, axis=0),
+                             state.cache, row)
+        return DecodeState(cache, jax.lax.dynamic_update_slice_in_dim(state.logits, logits, slot, axis=0),
+                           state.steps.at[slot].set(0))
+
+    def free(self, slot: int) -> None:
+        """Marks `slot` empty; its row is overwritten by the next insert."""
+        self._occupied[slot] = False
+
+    @property
+    def free_slots(self) -> list[int]:
+        return [int(s) for s in np.flatnonzero(~self._occupied)]
+
+    def generate(self, sampling: SlotSampling) -> StepResult:
+        """One token for every slot (one compiled step), fetched to the host."""
+        with self.partitioner.context():
+            self._state, tokens, logprobs = self._step_jit(
+                self.params, self._state, sampling.temperature, sampling.top_k, sampling.top_p, sampling.key_data)
+        self._room -= self._occupied
+        return StepResult(np.asarray(tokens), np.asarray(logprobs), self._occupied & (self._room <= 0))
+
+    def _step_fn(self, params, state: DecodeState, temperature, top_k, top_p, key_data):
+        self.trace_counts["generate"] += 1
+        keys = jax.vmap(lambda data, step: jax.random.fold_in(jax.random.wrap_key_data(data), step))(
+            key_data, state.steps)
+        tokens = decoding.sample_rows(state.logits, keys, temperature, top_k, top_p)
+        logprobs = jnp.take_along_axis(jax.nn.log_softmax(state.logits), tokens[:, None], axis=-1)[:, 0]
+        logits, cache = self.model.decode_step(params, tokens, state.cache)
+        return DecodeState(cache, logits, state.steps + 1), tokens, logprobs
+
+    # ------------------------------------------------------------------------- prefix-cache blocks
+    def _init_block_pool(self, row_boxed: Cache) -> None:
+        """A pool [blocks, ..., block_size] per positional leaf of a row, sharded like that leaf."""
+        is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+        leaves = jax.tree_util.tree_flatten_with_path(row_boxed, is_leaf=is_box)[0]
+        self._positional = []
+        for path, box in leaves:
+            shape = box.value.shape
+            if shape[-1] == self.max_length and len(shape) > 2:
+                self._positional.append(True)
+            elif jax.tree_util.keystr(path).endswith(f"['{CACHE_INDEX}']"):
+                self._positional.append(False)
+            else:
+                raise ValueError(f"prefix caching: cache leaf {jax.tree_util.keystr(path)} {shape} is neither a "
+                                 f"position-last [B, ..., S={self.max_length}] leaf nor {CACHE_INDEX}")
+        pools = [jax.ShapeDtypeStruct((self.prefix_cache_blocks,) + box.value.shape[1:-1] + (self.block_size,),
+                                      box.value.dtype) for (_, box), pos in zip(leaves, self._positional) if pos]
+        names = [(None,) + tuple(box.names[1:]) for (_, box), pos in zip(leaves, self._positional) if pos]
+        shardings = [self.partitioner.sharding(n, p.shape) for n, p in zip(names, pools)]
+        self._pool = jax.jit(lambda: [jnp.zeros(p.shape, p.dtype) for p in pools], out_shardings=shardings)()
+        self._max_blocks = self.max_prompt_length // self.block_size
+        self._load_jit = jax.jit(self._load_fn, out_shardings=self._row_shardings)
+        self._store_jit = jax.jit(self._store_fn, donate_argnums=0, out_shardings=shardings)
+
+    def _padded_ids(self, ids: Sequence[int], fill: int) -> np.ndarray:
+        if len(ids) > self._max_blocks:
+            raise ValueError(f"{len(ids)} blocks do not fit a prompt of max_prompt_length={self.max_prompt_length}")
+        out = np.full(self._max_blocks, fill, np.int32)
+        out[:len(ids)] = ids
+        return out
+
+    def load_prefix(self, block_ids: Sequence[int]) -> Prefix:
+        """A fresh row holding the pool blocks `block_ids` as its first positions (no logits yet)."""
+        length = len(block_ids) * self.block_size
+        with self.partitioner.context():
+            row = self._load_jit(self._pool, self._padded_ids(block_ids, 0), np.int32(length))
+        return Prefix(row, None, length)
+
+    def _load_fn(self, pool, ids, length):
+        self.trace_counts["load_prefix"] += 1
+        leaves, treedef = jax.tree.flatten(_boxed_values(self._new_cache(1)))
+        blocks = iter(pool)
+        out = []
+        for leaf, positional in zip(leaves, self._positional):
+            if positional:
+                gathered = jnp.moveaxis(next(blocks)[ids], 0, -2)  # [..., max_blocks, block_size]
+                span = gathered.reshape(gathered.shape[:-2] + (-1,))
+                leaf = jax.lax.dynamic_update_slice_in_dim(leaf, span[None].astype(leaf.dtype), 0, axis=leaf.ndim - 1)
+            else:
+                leaf = jnp.full_like(leaf, length)
+            out.append(leaf)
+        return jax.tree.unflatten(treedef, out)
+
+    def save_blocks(self, prefix: Prefix, blocks: Sequence[tuple[int, int]]) -> None:
+        """Copies block j of the row (positions j * block_size ...) into pool block b, for each (j, b)."""
+        if not blocks:
+            return
+        dest = self._padded_ids([], self.prefix_cache_blocks)  # out of range: dropped
+        for j, b in blocks:
+            dest[j] = b
+        with self.partitioner.context():
+            self._pool = self._store_jit(self._pool, prefix.cache, dest)
+
+    def _store_fn(self, pool, row, dest):
+        self.trace_counts["save_blocks"] += 1
+        leaves = [leaf for leaf, positional in zip(jax.tree.leaves(row), self._positional) if positional]
+        span = self._max_blocks * self.block_size
+        out = []
+        for blocks, leaf in zip(pool, leaves):
+            seq = leaf[0, ..., :span]
+            seq = jnp.moveaxis(seq.reshape(seq.shape[:-1] + (self._max_blocks, self.block_size)), -2, 0)
+            out.append(blocks.at[dest].set(seq.astype(blocks.dtype), mode="drop"))
+        return out
+

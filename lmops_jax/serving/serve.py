@@ -1,0 +1,205 @@
+"""`python -m lmops_jax.serve`: an OpenAI-compatible HTTP server for a checkpoint.
+
+    python -m lmops_jax.serve --gin_file=gin_configs/runs/serve.gin --gin.CHECKPOINT_PATH="'/tmp/run'" \\
+      [--gin.PORT=8000] [--gin.MAX_SLOTS=8] [--gin.MAX_QUEUE=64] [--gin.MAX_LENGTH=1024] [--gin.DTYPE="'bfloat16'"]
+
+`serve(...)` is also the Python API. It loads the checkpoint's model through `models.loading` (its
+spec names model, vocabulary and special tokens), builds the engine (`serving.engine`), the scheduler
+whose thread runs it (`serving.scheduler`) and the FastAPI app (`serving.server`), runs one tiny
+request through them (so the first client does not wait for compilation), and serves with uvicorn
+until SIGTERM or SIGINT. It logs `serving MODEL at http://HOST:PORT/v1` once it accepts connections
+(PORT=0 picks a free port, shown there). On SIGTERM / SIGINT it stops accepting connections, lets the
+requests in flight finish (at most `drain_timeout_s`), stops the scheduler and returns (exit 0).
+Binds to loopback unless HOST says otherwise. See docs/serving.md.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+from typing import Any, Iterator, Mapping, Sequence
+
+from lmops_jax import checkpoints
+from lmops_jax.cli import gin_flags
+from lmops_jax.cli import runner
+from lmops_jax.models import loading
+from lmops_jax.partitioning import Partitioner
+from lmops_jax.serving import chat_template as chat_template_lib
+from lmops_jax.serving import speculative
+from lmops_jax.serving.engine import Engine
+from lmops_jax.serving.scheduler import SamplingParams, Scheduler
+from lmops_jax.serving.server import build_app
+from lmops_jax.serving.tokenizer import Tokenizer
+
+DEFAULT_MAX_LENGTH = 2048
+PREFIX_BLOCK_SIZE = 16  # prompt tokens per prefix-cache block
+WARMUP_TIMEOUT_S = 600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Server:
+    """What `serve` runs: the scheduler (its thread runs the engine), the prompt tokenizer, the FastAPI
+    app over them, and the model name clients use."""
+    scheduler: Scheduler
+    tokenizer: Tokenizer
+    app: Any
+    name: str
+
+
+def _check(checkpoint_path: Any, port: Any, max_slots: Any, max_queue: Any) -> None:
+    if checkpoint_path is None or gin_flags.is_required_sentinel(checkpoint_path):
+        raise gin_flags.GinConfigError("serve(): required argument checkpoint_path not set (CHECKPOINT_PATH in "
+                                       "serve.gin)")
+    for name, value, low in (("PORT", port, 0), ("MAX_SLOTS", max_slots, 1), ("MAX_QUEUE", max_queue, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _chat_template(spec_vocabulary: Any) -> chat_template_lib.ChatTemplate:
+    """The model's own template when its Hugging Face tokenizer files carry one, else SIMPLE."""
+    if spec_vocabulary is not None and spec_vocabulary.kind == "hf_tokenizer":
+        own = chat_template_lib.from_tokenizer_dir(os.path.dirname(spec_vocabulary.path))
+        if own is not None:
+            return own
+    return chat_template_lib.SIMPLE
+
+
+@contextlib.contextmanager
+def _signals_end_serving() -> Iterator[None]:
+    """uvicorn turns SIGTERM / SIGINT into a graceful shutdown and then re-raises the signal to the
+    handler it found; a no-op handler there lets `serve` drain the scheduler and return."""
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+async def _serve_and_announce(server: Any, model_name: str) -> None:
+    """Runs the uvicorn server; logs its URL once it listens (the bound port, for PORT=0)."""
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        logging.info("serving %s at http://%s:%d/v1", model_name, host, port)
+    await task
+
+
+def serve(
+    *,
+    checkpoint_path: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_slots: int = 8,
+    max_queue: int = 64,
+    max_length: int | None = None,
+    prefix_cache: bool = True,
+    prefill_chunk: int | None = 512,
+    request_timeout_s: float | None = None,
+    draft_checkpoint: str | None = None,
+    num_draft_tokens: int = 4,
+    dtype: str | None = None,
+    mesh_shape: Mapping[str, int] | None = None,
+    logical_axis_rules: Any = "tp",
+    model_name: str | None = None,
+    drain_timeout_s: float | None = 30.0,
+) -> None:
+    """Serves the checkpoint's model over HTTP until SIGTERM / SIGINT (module docstring).
+
+    Args:
+      checkpoint_path: MODEL_DIR, its checkpoints folder or a step folder (CHECKPOINT_PATH).
+      host, port: where to listen (HOST, PORT; port 0: a free one).
+      max_slots: requests decoding at once (MAX_SLOTS).
+      max_queue: requests waiting for a slot before new ones get 429 (MAX_QUEUE).
+      max_length: prompt + generated tokens of a request (MAX_LENGTH); None: the model's, else 2048.
+      prefix_cache: reuse the keys/values of prompt blocks seen before (PREFIX_CACHE); decoder-only
+        models only (an encoder-decoder model is served without). The block pool holds
+        max_slots * max_length positions, as many as the decode slots.
+      prefill_chunk: prompt tokens prefilled per engine step, so running requests keep streaming while a
+        long prompt is read (PREFILL_CHUNK; None: whole prompts).
+      request_timeout_s: a request running longer ends with what it has (REQUEST_TIMEOUT_S; None: never).
+      draft_checkpoint, num_draft_tokens: speculative decoding (DRAFT_CHECKPOINT, NUM_DRAFT_TOKENS): a
+        checkpoint of a decoder-only draft model with the served model's vocab_size proposes
+        num_draft_tokens tokens per step (`serving.speculative`); None: no speculation.
+      dtype: None keeps the checkpoint's dtypes; 'bfloat16' casts (DTYPE).
+      mesh_shape, logical_axis_rules: the mesh of local devices and its rules (MESH_SHAPE,
+        LOGICAL_AXIS_RULES); None: one device.
+      model_name: the name clients pass as `model` (MODEL_NAME); None: the model directory's name.
+      drain_timeout_s: on SIGTERM, how long requests in flight may take to finish (DRAIN_TIMEOUT_S; None:
+        no limit).
+    """
+    _check(checkpoint_path, port, max_slots, max_queue)
+    server = build_server(
+        checkpoint_path, max_slots=max_slots, max_queue=max_queue, max_length=max_length, prefix_cache=prefix_cache,
+        prefill_chunk=prefill_chunk, request_timeout_s=request_timeout_s, dtype=dtype, mesh_shape=mesh_shape,
+        logical_axis_rules=logical_axis_rules, model_name=model_name, draft_checkpoint=draft_checkpoint,
+        num_draft_tokens=num_draft_tokens)
+    server.scheduler.start()
+    try:
+        _warm_up(server)
+        _run_until_signal(server, host, port, drain_timeout_s)
+    finally:
+        server.scheduler.stop(drain=True)
+    logging.info("server stopped")
+
+
+def build_server(checkpoint_path: str, *, max_slots: int, max_queue: int, max_length: int | None, prefix_cache: bool,
+                 prefill_chunk: int | None, request_timeout_s: float | None, dtype: str | None,
+                 mesh_shape: Mapping[str, int] | None, logical_axis_rules: Any,
+                 model_name: str | None, draft_checkpoint: str | None = None, num_draft_tokens: int = 4) -> Server:
+    """The server of a checkpoint, its scheduler not started yet (args as for `serve`)."""
+    spec = loading.read_spec(checkpoint_path)
+    model = loading.with_dtype(spec.model, dtype)
+    partitioner = (loading.default_partitioner() if mesh_shape is None
+                   else Partitioner(mesh_shape, logical_axis_rules))
+    params = loading.restore_params(checkpoint_path, model, partitioner)
+    max_length = max_length or model.max_length or DEFAULT_MAX_LENGTH
+    if prefix_cache and not model.prompt_shares_cache:
+        logging.info("PREFIX_CACHE: %s encodes its whole prompt at once, so it is served without a prefix cache",
+                     type(model).__name__)
+    blocks = max_slots * (max_length // PREFIX_BLOCK_SIZE) if prefix_cache and model.prompt_shares_cache else 0
+    engine_args = dict(max_slots=max_slots, max_length=max_length, prefix_cache_blocks=blocks,
+                       block_size=PREFIX_BLOCK_SIZE)
+    if draft_checkpoint is None:
+        engine = Engine(model, params, partitioner, **engine_args)
+    else:
+        draft_model = loading.with_dtype(loading.read_spec(draft_checkpoint).model, dtype)
+        speculative.check_draft(model, draft_model)  # before restoring the draft's params
+        engine = speculative.SpeculativeEngine(
+            model, params, partitioner, draft_model=draft_model, num_draft_tokens=num_draft_tokens,
+            draft_params=loading.restore_params(draft_checkpoint, draft_model, partitioner), **engine_args)
+    tokenizer = Tokenizer.from_spec(spec, model)
+    model_dir = os.path.dirname(checkpoints.resolve(checkpoint_path)[0])
+    scheduler = Scheduler(engine, max_queue=max_queue, eos_id=tokenizer.stop_id, detokenize=tokenizer.decode,
+                          prefill_chunk=prefill_chunk, request_timeout_s=request_timeout_s, model_id=model_dir)
+    name = model_name or os.path.basename(model_dir)
+    app = build_app(scheduler, tokenizer, name, chat_template=_chat_template(spec.vocabulary))
+    return Server(scheduler, tokenizer, app, name)
+
+
+def _warm_up(server: Server) -> None:
+    """One tiny request, so the first client does not wait for the compilation; an engine that fails
+    here fails the job."""
+    prompt = server.tokenizer.prompt("Hi")
+    _, reason = server.scheduler.submit(prompt, SamplingParams(max_tokens=2)).result(WARMUP_TIMEOUT_S)
+    if reason == "error":
+        raise RuntimeError(f"the engine failed on a warm-up request: {server.scheduler.error}")
+
+
+def _run_until_signal(server: Server, host: str, port: int, drain_timeout_s: float | None) -> None:
+    """Serves the app with uvicorn until SIGTERM / SIGINT, then lets the requests in flight finish."""
+    import uvicorn
+    config = uvicorn.Config(server.app, host=host, port=port, log_level="warning", lifespan="off",
+                            timeout_graceful_shutdown=drain_timeout_s)
+    with _signals_end_serving():
+        asyncio.run(_serve_and_announce(uvicorn.Server(config), server.name))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lmops_jax.serve`: the gin-configured `serve` through the CLI runner (exit codes there)."""
+    return runner.run("python -m lmops_jax.serve", __doc__, runner.GinJob(serve, "gin_configs/runs/serve.gin"), argv)

@@ -1,0 +1,395 @@
+"""The OpenAI-compatible HTTP server: a FastAPI app over a running `Scheduler`.
+
+    app = build_app(scheduler, tokenizer, "my-model")
+    uvicorn.run(app, host="127.0.0.1", port=8000)       # the `serve` job does this (serving/serve.py)
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (bodies in `api`), GET /v1/models,
+GET /health, GET /metrics (Prometheus text, `metrics`).
+
+The app only translates: it tokenizes, submits each of the request's `n` choices to the scheduler
+(whose thread runs the engine) and reads their events with `RequestHandle.aiter_events()`, so no
+handler blocks the event loop and nothing a handler does waits on the engine loop or holds it up.
+Statuses:
+  400  a bad body or a prompt the model cannot take; the error's `param` names the field.
+  404  a `model` other than the served one (OpenAI's model_not_found).
+  429  the scheduler's queue is full (`QueueFull`), with Retry-After; nothing of the request runs.
+  503  the engine failed or the server is stopping (`/health` says so too).
+With `stream: true` the answer is server-sent events, one `data: {chunk}` per token and a last one per
+choice with its finish reason (and a `usage` chunk when `stream_options.include_usage`), ending in
+`data: [DONE]`; an engine failure mid-stream sends `data: {"error": ...}`, which the openai client
+raises. A client that disconnects, streaming or not, has its requests cancelled
+(`Scheduler.cancel`), which frees their slots within a step. finish_reason: "stop" (EOS or a stop
+string), "length" (max_tokens, MAX_LENGTH, or the scheduler's request timeout, which ends a request
+with what it has).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmops_jax.serving import api
+from lmops_jax.serving.chat_template import SIMPLE, ChatTemplate
+from lmops_jax.serving.metrics import CONTENT_TYPE, RequestTimer, ServerMetrics
+from lmops_jax.serving.scheduler import (Event, FinishEvent, QueueFull, RequestError, RequestHandle, SamplingParams,
+                                         Scheduler, SchedulerUnavailable, TokenEvent)
+from lmops_jax.serving.tokenizer import Tokenizer
+
+DONE = "data: [DONE]\n\n"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request its client abandoned
+# scheduler finish reason -> OpenAI's (vLLM's "abort" for a cancelled request, which no client sees)
+FINISH_REASONS = {"stop": "stop", "length": "length", "timeout": "length", "cancelled": "abort"}
+ChunkChoice = Callable[["_Choice", Event], Any]
+
+
+def unavailable(reason: str) -> api.APIError:
+    return api.APIError(503, f"the server cannot serve: {reason}", code="unavailable", error_type="server_error")
+
+
+@dataclasses.dataclass
+class _Choice:
+    """Choice `index` of an HTTP request: one scheduler request and what it produced so far.
+
+    pieces / logprobs: each token's text and log-probability; tail: text released at the finish.
+    """
+    index: int
+    handle: RequestHandle
+    timer: RequestTimer = dataclasses.field(default_factory=RequestTimer)
+    pieces: list[str] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    tail: str = ""
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces) + self.tail
+
+    @property
+    def open(self) -> bool:
+        return self.finish_reason is None and self.error is None
+
+
+@dataclasses.dataclass
+class _Run:
+    """An accepted HTTP request: its id, prompt length and choices."""
+    id: str
+    prompt_tokens: int
+    choices: list[_Choice]
+
+    def usage(self) -> api.Usage:
+        completion = sum(c.completion_tokens for c in self.choices)
+        return api.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+                         total_tokens=self.prompt_tokens + completion)
+
+
+def _sse(body: Any) -> str:
+    return f"data: {body.model_dump_json()}\n\n"
+
+
+class _CancelOnClose(StreamingResponse):
+    """A stream that runs `on_close` however it ends (done, client gone, server shutting down)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body is read, so the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _Service:
+    """What the handlers share, and a request's life: submit, events, cancel, respond."""
+
+    def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, model_name: str, chat_template: ChatTemplate,
+                 retry_after_s: int):
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.chat_template = chat_template
+        self.retry_after_s = retry_after_s
+        self.created = int(time.time())
+        self.metrics = ServerMetrics(model_name, scheduler.stats, scheduler.engine.max_length)
+
+    def check(self, model: str | None) -> None:
+        """404 for another model's name, 503 when the engine failed."""
+        if model is not None and model != self.model_name:
+            raise api.APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                               param="model", code="model_not_found")
+        if not self.scheduler.healthy:
+            self.metrics.reject("unhealthy")
+            raise unavailable(self.scheduler.error or "the engine failed")
+
+    def submit(self, prompt: list[int], params: SamplingParams, n: int, prompt_field: str) -> _Run:
+        """Submits the n choices (seed + i each, when seeded): all of them, or none and an APIError."""
+        run = _Run(f"cmpl-{uuid.uuid4().hex}", len(prompt), [])
+        try:
+            for i in range(n):
+                choice_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+                handle = self.scheduler.submit(prompt, choice_params, request_id=f"{run.id}-{i}")
+                run.choices.append(_Choice(i, handle))
+        except QueueFull as e:
+            self._withdraw(run, "queue_full")
+            raise api.APIError(429, f"the server is at capacity ({e}); retry later", code="queue_full",
+                               error_type="rate_limit_error", headers={"Retry-After": str(self.retry_after_s)})
+        except RequestError as e:
+            self._withdraw(run, "invalid")
+            field = prompt_field if e.field == "prompt" else e.field
+            raise api.bad_request(field, f"{field}: {e.message}") from e
+        except SchedulerUnavailable as e:
+            self._withdraw(run, "unhealthy")
+            raise unavailable(str(e)) from e
+        return run
+
+    def _withdraw(self, run: _Run, reason: str) -> None:
+        for choice in run.choices:
+            self.scheduler.cancel(choice.handle.request_id)
+        self.metrics.reject(reason)
+
+    def cancel(self, run: _Run) -> None:
+        """Cancels the run's unfinished choices (their client is gone)."""
+        for choice in run.choices:
+            if choice.open:
+                self.scheduler.cancel(choice.handle.request_id)
+                choice.finish_reason = "abort"
+
+    async def events(self, run: _Run) -> AsyncIterator[tuple[_Choice, Event]]:
+        """Every choice's events as they come, recorded on the choice and in the metrics; ends when all
+        choices finished."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(choice: _Choice) -> None:
+            async for event in choice.handle.aiter_events():
+                await queue.put((choice, event))
+
+        tasks = [asyncio.create_task(pump(c)) for c in run.choices]
+        try:
+            for _ in run.choices:
+                while True:
+                    choice, event = await queue.get()
+                    self._record(run, choice, event)
+                    yield choice, event
+                    if isinstance(event, FinishEvent):
+                        break
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def _record(self, run: _Run, choice: _Choice, event: Event) -> None:
+        if isinstance(event, TokenEvent):
+            choice.timer.token()
+            choice.pieces.append(event.text_delta)
+            if event.logprob is not None:
+                choice.logprobs.append(event.logprob)
+            return
+        choice.tail = event.text_delta
+        choice.completion_tokens = event.usage.completion_tokens
+        if event.finish_reason == "error":
+            choice.error = event.error or "the engine failed"
+            return
+        choice.finish_reason = FINISH_REASONS[event.finish_reason]
+        self.metrics.finish(choice.timer, run.prompt_tokens, choice.completion_tokens)
+
+    async def _collect(self, run: _Run, request: Request) -> bool:
+        """Runs the choices to their end (True); cancels them if the client disconnects first (False)."""
+        async def drain() -> None:
+            async for _ in self.events(run):
+                pass
+
+        work = asyncio.ensure_future(drain())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            finished = work.done()
+            if not finished:
+                work.cancel()
+                self.cancel(run)
+        if not finished:
+            return False
+        work.result()
+        errors = [c.error for c in run.choices if c.error]
+        if errors:
+            raise unavailable(errors[0])
+        return True
+
+    async def respond(self, request: Request, run: _Run, body: api.SamplingFields, chunk_type: type,
+                      chunk_choice: ChunkChoice, whole: Callable[[_Run], Any]) -> Response:
+        """`whole(run)` once every choice finished, or with `body.stream` server-sent events: per event a
+        `chunk_type` chunk holding `chunk_choice(choice, event)`."""
+        if not body.stream:
+            if not await self._collect(run, request):
+                return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it
+            return JSONResponse(whole(run).model_dump())
+        return _CancelOnClose(self._sse(run, body.include_usage, chunk_type, chunk_choice), lambda: self.cancel(run))
+
+    async def _sse(self, run: _Run, include_usage: bool, chunk_type: type,
+                   chunk_choice: ChunkChoice) -> AsyncIterator[str]:
+        async for choice, event in self.events(run):
+            if choice.error:
+                yield f"data: {json.dumps(unavailable(choice.error).body())}\n\n"
+            else:
+                yield _sse(chunk_type(id=run.id, model=self.model_name, choices=[chunk_choice(choice, event)]))
+        if include_usage:
+            yield _sse(chunk_type(id=run.id, model=self.model_name, choices=[], usage=run.usage()))
+        yield DONE
+
+
+# ------------------------------------------------------------------------------------- the endpoints
+def _offsets(pieces: list[str]) -> list[int]:
+    """Character offset of each piece in the text they make."""
+    out, start = [], 0
+    for piece in pieces:
+        out.append(start)
+        start += len(piece)
+    return out
+
+
+def _chat_logprobs(pieces: list[str], logprobs: list[float]) -> api.ChatLogprobs:
+    return api.ChatLogprobs(content=[api.TokenLogprob(token=p, logprob=lp, bytes=list(p.encode("utf-8")))
+                                     for p, lp in zip(pieces, logprobs)])
+
+
+def _sampling(body: api.SamplingFields, max_tokens: int, stop: tuple[str, ...], logprobs: bool) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_k=max(body.top_k, 0),
+                          top_p=body.top_p, seed=body.seed, stop=tuple(body.stop) + stop, logprobs=logprobs)
+
+
+def _completion_chunk(choice: _Choice, event: Event, logprobs: bool) -> api.CompletionChoice:
+    """A streamed choice: a token's text (and logprob), or the finish with any text held back until then."""
+    if isinstance(event, FinishEvent):
+        return api.CompletionChoice(index=choice.index, text=event.text_delta, finish_reason=choice.finish_reason)
+    offset = len(choice.text) - len(event.text_delta)
+    lp = api.CompletionLogprobs(tokens=[event.text_delta], token_logprobs=[event.logprob],
+                                text_offset=[offset]) if logprobs else None
+    return api.CompletionChoice(index=choice.index, text=event.text_delta, logprobs=lp)
+
+
+async def _completions(service: _Service, body: api.CompletionRequest, request: Request) -> Response:
+    service.check(body.model)
+    logprobs = body.logprobs is not None
+    prompt = service.tokenizer.prompt(body.prompt)
+    run = service.submit(prompt, _sampling(body, body.max_tokens, (), logprobs), body.n, "prompt")
+
+    def whole(run: _Run) -> api.CompletionResponse:
+        choices = [api.CompletionChoice(
+            index=c.index, text=c.text, finish_reason=c.finish_reason,
+            logprobs=api.CompletionLogprobs(tokens=c.pieces, token_logprobs=c.logprobs, text_offset=_offsets(c.pieces))
+            if logprobs else None) for c in run.choices]
+        return api.CompletionResponse(id=run.id, model=service.model_name, choices=choices, usage=run.usage())
+
+    return await service.respond(request, run, body, api.CompletionResponse,
+                                 lambda c, e: _completion_chunk(c, e, logprobs), whole)
+
+
+def _chat_chunk(choice: _Choice, event: Event, logprobs: bool) -> api.ChatChunkChoice:
+    """A streamed chat choice; its first chunk carries the role."""
+    finished = isinstance(event, FinishEvent)
+    first = choice.timer.tokens == (0 if finished else 1)
+    delta = api.ChatDelta(role="assistant" if first else None, content=event.text_delta or None)
+    lp = _chat_logprobs([event.text_delta], [event.logprob]) if logprobs and not finished else None
+    return api.ChatChunkChoice(index=choice.index, delta=delta, logprobs=lp,
+                               finish_reason=choice.finish_reason if finished else None)
+
+
+def _chat_prompt(service: _Service, body: api.ChatCompletionRequest) -> list[int]:
+    try:
+        text = service.chat_template.render([{"role": m.role, "content": m.text} for m in body.messages])
+    except ValueError as e:  # the model's own template refusing the conversation
+        raise api.bad_request("messages", str(e)) from e
+    return service.tokenizer.prompt(text)
+
+
+async def _chat(service: _Service, body: api.ChatCompletionRequest, request: Request) -> Response:
+    service.check(body.model)
+    prompt = _chat_prompt(service, body)
+    max_tokens = body.token_limit or max(1, service.scheduler.engine.capacity(len(prompt)))
+    params = _sampling(body, max_tokens, service.chat_template.stop, body.logprobs)
+    run = service.submit(prompt, params, body.n, "messages")
+
+    def whole(run: _Run) -> api.ChatCompletionResponse:
+        choices = [api.ChatChoice(index=c.index, message=api.AssistantMessage(content=c.text),
+                                  finish_reason=c.finish_reason,
+                                  logprobs=_chat_logprobs(c.pieces, c.logprobs) if body.logprobs else None)
+                   for c in run.choices]
+        return api.ChatCompletionResponse(id=run.id, model=service.model_name, choices=choices, usage=run.usage())
+
+    return await service.respond(request, run, body, api.ChatCompletionChunk,
+                                 lambda c, e: _chat_chunk(c, e, body.logprobs), whole)
+
+
+def _error_response(error: api.APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def build_app(scheduler: Scheduler, tokenizer: Tokenizer, model_name: str, *, chat_template: ChatTemplate = SIMPLE,
+              retry_after_s: int = 1) -> FastAPI:
+    """The app serving `scheduler`, which the caller starts and stops (the `serve` job does).
+
+    Args:
+      scheduler: a `Scheduler` whose thread runs the engine.
+      tokenizer: text and prompt formatting of the served model.
+      model_name: the `model` of requests and responses, and the metrics' model_name label.
+      chat_template: how chat messages become a prompt (`chat_template.SIMPLE`, or the model's own).
+      retry_after_s: the Retry-After of a 429.
+    """
+    service = _Service(scheduler, tokenizer, model_name, chat_template, retry_after_s)
+    app = FastAPI(title="lmops_jax", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    @app.exception_handler(api.APIError)
+    async def _api_error(request: Request, error: api.APIError) -> JSONResponse:
+        return _error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        service.metrics.reject("invalid")
+        return _error_response(api.validation_error(list(error.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return _error_response(api.APIError(error.status_code, str(error.detail), code=str(error.status_code)))
+
+    @app.post("/v1/completions")
+    async def completions(body: api.CompletionRequest, request: Request) -> Response:
+        return await _completions(service, body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: api.ChatCompletionRequest, request: Request) -> Response:
+        return await _chat(service, body, request)
+
+    @app.get("/v1/models")
+    async def models() -> api.ModelList:
+        card = api.ModelCard(id=model_name, created=service.created, max_model_len=scheduler.engine.max_length)
+        return api.ModelList(data=[card])
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not scheduler.healthy:
+            return _error_response(unavailable(scheduler.error or "the engine failed"))
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)
+
+    return app

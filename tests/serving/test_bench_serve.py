@@ -1,0 +1,29 @@
+"""scripts/bench_serve.py runs end to end (`--quick`: a tiny model, a few requests) and ends with the JSON
+line docs/benchmarks.md reads, so the benchmark cannot rot. Its figures are not checked (no timing
+asserts); the systems' greedy tokens must agree."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "scripts", "bench_serve.py")
+KEYS = ("cb_tokens_per_s", "static_tokens_per_s", "hf_cb_tokens_per_s", "cb_latency_mean_s", "static_latency_mean_s",
+        "cb_latency_p99_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "spec_speedup_b1", "spec_tokens_per_step",
+        "hf_token_agreement", "paged_peak_concurrency", "dense_peak_concurrency")
+
+
+def test_quick_run_prints_every_key():
+    has_torch = importlib.util.find_spec("torch") is not None
+    flags = ["--quick"] + ([] if has_torch else ["--skip_hf"])
+    done = subprocess.run([sys.executable, SCRIPT, *flags], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(KEYS) <= set(result)
+    assert result["cb_tokens_per_s"] > 0 and result["static_tokens_per_s"] > 0
+    assert result["static_token_agreement"] == result["cb_inproc_token_agreement"] == 1.0
+    assert result["spec_greedy_equal"] is True and result["spec_tokens_per_step"] >= 1
+    assert result["paged_peak_concurrency"] is None and 1 <= result["dense_peak_concurrency"] <= 2
+    if has_torch:
+        assert result["hf_token_agreement"] == 1.0 and result["hf_cb_tokens_per_s"] > 0
