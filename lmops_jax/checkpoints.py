@@ -7,8 +7,8 @@ Layout of a run's checkpoints (`MODEL_DIR/checkpoints/<step>/`), one Orbax Check
            that rebuilds the model without gin (`models.spec`; absent in older checkpoints)}
 
 Orbax writes a step into a temporary folder and renames it when complete, so a save killed midway never
-appears as a step; a finished step that fails to read (e.g. a truncated file) is reported and the
-previous step is used. Restores take target shardings, so a checkpoint saved on one mesh restores onto
+appears as a step; a finished step that fails to read (e.g. a truncated file) is reported, renamed
+`<step>.unreadable` (kept) and the previous step is used. Restores take target shardings, so a checkpoint saved on one mesh restores onto
 another without ever being gathered onto one device.
 
 `python -m lmops_jax.checkpoints inspect PATH` lists the steps and parameter shapes of a checkpoint.
@@ -370,7 +370,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m lmops_jax.checkpoints inspect PATH` through the CLI runner (exit 2 for a bad PATH)."""
     from lmops_jax.cli import runner
 
-    job = runner.ArgsJob("list the steps and parameter shapes of a checkpoint",
-                         lambda parser: parser.add_argument("path", help="model dir, checkpoints folder or step"),
-                         lambda args: print(inspect(args.path)))
+    def add_flags(parser):
+        parser.add_argument("path", help="model dir, checkpoints folder or step")
+        parser.add_argument("--verify", action="store_true", help="read every array of every step (slow for "
+                            "large models) to find missing or truncated data files")
+
+    job = runner.ArgsJob("list the steps and parameter shapes of a checkpoint, marking unreadable steps",
+                         add_flags, lambda args: print(inspect(args.path, verify=args.verify)))
     return runner.run("python -m lmops_jax.checkpoints", __doc__.split("\n\n")[0], {"inspect": job}, argv)
