@@ -1,4 +1,6 @@
 """Shared test fixtures: tiny models and synthetic batches (no data pipeline needed)."""
+import socket
+
 import numpy as np
 
 from lmops_jax.models import decoder_only, model
@@ -14,6 +16,13 @@ def model_gin(m: model.BaseModel, task: str = "synthetic_lm") -> str:
     """The gin config a checkpoint of `m` stores (MODEL and the task), as `train` would write it."""
     from lmops_jax import convert
     return convert.gin_config(m) + f"MIXTURE_OR_TASK_NAME = {task!r}\n"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a coordinator or a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def lm_batch(batch_size: int, length: int, vocab: int = 128, seed: int = 0, ragged: bool = False) -> dict:

@@ -25,13 +25,14 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 
 import flax.linen as nn
 import jax
 import pytest
+
+from tests.helpers import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
@@ -144,11 +145,6 @@ def _inputs(template: str) -> None:
     _byte_level_bpe(os.path.join(template, "models", "llama"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
@@ -190,7 +186,7 @@ def test_page_runs(page, inputs, compile_cache, tmp_path):
     root = str(tmp_path / "root")
     shutil.copytree(inputs, root)
     variables: dict[str, str] = {}
-    port = str(_free_port())  # a server a page starts on port 8000 gets a free one
+    port = str(free_port())  # a server a page starts on port 8000 gets a free one
     for block in _blocks(page):
         text = _redirect(block.text, root)  # before anything adds paths inside the root
         text = text.replace("127.0.0.1:8000", f"127.0.0.1:{port}").replace("--gin.PORT=8000", f"--gin.PORT={port}")

@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import numpy as np
 from lmops_jax import checkpoints, partitioning
 from lmops_jax.training import optimizers
 from lmops_jax.training import trainer
-from tests.helpers import model_gin, tiny_llama
+from tests.helpers import free_port, model_gin, tiny_llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--gin_file=gin_configs/models/llama_tiny.gin", "--gin_file=gin_configs/runs/pretrain.gin",
@@ -63,15 +62,10 @@ def test_sigterm_saves_then_same_command_resumes(tmp_path):
     assert _steps_logged(model_dir)[-2:] == [stopped_at + 1, stopped_at + 2]  # no step lost or repeated
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _two_processes(cmd):
     """Runs `cmd` (a gin job) as processes 0 and 1 of one jax.distributed job with 2 CPU devices each."""
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen(
         [*cmd, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
          "--cpu_collectives=gloo"],
