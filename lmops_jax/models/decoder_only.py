@@ -19,7 +19,9 @@ cache_index + 0..L-1 and advances cache_index by `lengths` [B] (default L). Ragg
 right-padded: the prefill passes the padded prompts with their true lengths, so each example's next
 token goes right after its own last real token (its padding slots are overwritten before they could be
 attended to). `model.DecoderOnlyModel` exposes this as the decode API (`init_cache`, `prefill`,
-`decode_step`).
+`decode_step`). A paged cache (`pages=KVPages(...)` at init) holds `block_table` [B, T] next to
+`cache_index` and per layer `self_attn/key_pages` / `value_pages` [K, pages, page_size, Dh] instead of
+the per-row keys/values (`models.paged_attention`).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lmops_jax.models import layers
+from lmops_jax.models import layers, paged_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +68,7 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, mask, positions, decode: bool = False):
+    def __call__(self, x, mask, positions, decode: bool = False, block_table=None, pages=None):
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         norm = lambda name: layers.RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name=name)  # noqa: E731
@@ -74,7 +76,7 @@ class DecoderLayer(nn.Module):
             cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, use_rope=True, rope_theta=cfg.rope_theta,
             dtype=dtype, param_dtype=param_dtype, name="self_attn",
         )(norm("input_layernorm")(x), mask=mask, query_positions=positions, key_positions=positions,
-          decode=decode)
+          decode=decode, block_table=block_table, pages=pages)
         x = layers.constrain(x + h, ("batch", "length", "act_embed"))
         h = layers.GatedMLP(cfg.mlp_dim, "silu", dtype, param_dtype, name="mlp")(norm("post_attention_layernorm")(x))
         return layers.constrain(x + h, ("batch", "length", "act_embed"))
@@ -92,7 +94,8 @@ class LlamaDecoder(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, *, decode: bool = False, lengths=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, *, decode: bool = False, lengths=None,
+                 pages: paged_attention.KVPages | None = None):
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         batch, length = tokens.shape
@@ -103,6 +106,7 @@ class LlamaDecoder(nn.Module):
             index = self.variable("cache", "cache_index", layers.zeros_with_axes(("batch",)), (batch,), jnp.int32)
             positions = index.value[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
             index.value = index.value + (length if lengths is None else jnp.asarray(lengths, jnp.int32))
+            block_table = self._block_table(batch, length, pages)
         elif lengths is not None:
             raise ValueError("LlamaDecoder: lengths is only used with decode=True")
         if positions is None:
@@ -118,7 +122,7 @@ class LlamaDecoder(nn.Module):
         layer_cls = nn.remat(DecoderLayer) if cfg.remat and not decode else DecoderLayer
         for i in range(cfg.num_layers):
             # decode is passed only when set: nn.remat (training) would trace a bool argument.
-            x = layer_cls(cfg, name=f"layers_{i}")(x, mask, positions, *((True,) if decode else ()))
+            x = layer_cls(cfg, name=f"layers_{i}")(x, mask, positions, *((True, block_table, pages) if decode else ()))
         x = layers.RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="norm")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
@@ -126,6 +130,14 @@ class LlamaDecoder(nn.Module):
             logits = layers.DenseGeneral((cfg.d_model,), (cfg.vocab_size,), ("embed",), ("vocab",), dtype,
                                          param_dtype, name="lm_head")(x)
         return layers.constrain(logits, ("batch", "length", "act_vocab"))
+
+    def _block_table(self, batch: int, length: int, pages: paged_attention.KVPages | None):
+        """The paged cache's block table [B, T] (None for a dense cache); at init L is the row length."""
+        if pages is None and not self.has_variable("cache", paged_attention.BLOCK_TABLE):
+            return None
+        shape = None if pages is None else (batch, pages.pages_per_row(length))
+        return self.variable("cache", paged_attention.BLOCK_TABLE, layers.zeros_with_axes(("batch", None)), shape,
+                             jnp.int32).value
 
 
 def matmul_params_per_token(cfg: LlamaConfig) -> int:

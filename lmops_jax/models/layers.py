@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmops_jax import partitioning
+from lmops_jax.models import paged_attention
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -181,8 +182,8 @@ def dot_product_attention(
     *,
     kv_layout: str = "bskd",
 ) -> jax.Array:
-    """Grouped-query attention. query [B, L, H, Dh]; key/value [B, S, K, Dh] (`kv_layout="bskd"`, training)
-    or [B, K, Dh, S] (`"bkds"`, the KV cache), with H % K == 0.
+    """Grouped-query attention. query [B, L, H, Dh]; key/value [B, S, K, Dh] (`kv_layout="bskd"`, training),
+    [B, K, Dh, S] (`"bkds"`, the KV cache) or [K, B, S, Dh] (`"kbsd"`, read from a paged cache), with H % K == 0.
 
     Scores and softmax in float32. mask: bool [B|1, 1|H, L, S]; bias: [B|1, H, L, S]. Returns [B, L, H, Dh].
     [K, Dh, S] is the operand layout XLA:CPU's batched matmul takes for both products (scores and
@@ -190,8 +191,8 @@ def dot_product_attention(
     would transpose the whole cache of every layer at every decoding step. The operand order of each
     einsum is part of its speed (it decides which operand XLA transposes), so each layout keeps its own.
     """
-    if kv_layout not in ("bskd", "bkds"):
-        raise ValueError(f"kv_layout must be 'bskd' or 'bkds', got {kv_layout!r}")
+    if kv_layout not in ("bskd", "bkds", "kbsd"):
+        raise ValueError(f"kv_layout must be 'bskd', 'bkds' or 'kbsd', got {kv_layout!r}")
     b, q_len, num_heads, head_dim = query.shape
     num_kv, key_len = key.shape[kv_layout.index("k")], key.shape[kv_layout.index("s")]
     if num_heads % num_kv:
@@ -200,10 +201,10 @@ def dot_product_attention(
     if scale is None:
         scale = head_dim ** -0.5
     q = query.reshape(b, q_len, num_kv, groups, head_dim)
-    if kv_layout == "bkds":
-        scores = jnp.einsum("bkds,blkgd->bkgls", key, q, preferred_element_type=jnp.float32)
-    else:
+    if kv_layout == "bskd":
         scores = jnp.einsum("blkgd,bskd->bkgls", q, key, preferred_element_type=jnp.float32)
+    else:
+        scores = jnp.einsum(f"{kv_layout},blkgd->bkgls", key, q, preferred_element_type=jnp.float32)
     scores = (scores * scale).reshape(b, num_heads, q_len, key_len)
     if bias is not None:
         scores = scores + bias.astype(jnp.float32)
@@ -213,6 +214,15 @@ def dot_product_attention(
     probs = probs.reshape(b, num_kv, groups, q_len, key_len)
     out = jnp.einsum(f"bkgls,{kv_layout}->blkgd", probs, value)
     return out.reshape(b, q_len, num_heads, head_dim)
+
+
+def _decode_mask_and_bias(positions: jax.Array, cache_length: int, mask: jax.Array | None,
+                          bias_fn: Callable[[jax.Array, jax.Array], jax.Array] | None) -> tuple[Any, Any]:
+    """A cache's decode mask [B, 1, L, S] (key_position <= query_position, and `mask`) and bias_fn's bias."""
+    key_positions = jnp.arange(cache_length, dtype=jnp.int32)[None, :]
+    visible = (key_positions[:, None, :] <= positions[:, :, None])[:, None]
+    mask = visible if mask is None else mask & visible
+    return mask, None if bias_fn is None else bias_fn(positions, key_positions)
 
 
 def zeros_with_axes(axes: Sequence[str | None]) -> Callable[[Sequence[int], Dtype], Any]:
@@ -238,6 +248,9 @@ class Attention(nn.Module):
       could be seen. Positions must be < S. The first call (at `init`) creates the cache with S = L.
       `bias_fn(query_positions [B, L], key_positions [1, S]) -> [B|1, H, L, S]` gives a position bias
       over the cache (T5); `bias` is not used in this mode.
+    - paged self-attention (`block_table` [B, T] given): keys/values live in `key_pages` /
+      `value_pages` [K, pages, page_size, Dh] shared by all rows, row b's position p in page
+      block_table[b, p // page_size] (`models.paged_attention`); created at `init` from `pages`.
     - cross-attention (`cross_attention=True`): with `inputs_kv` [B, Le, D] the projected keys and
       values are computed once and stored in `cached_key` / `cached_value` [B, K, Dh, Le]; with
       `inputs_kv=None` the stored ones are used. `mask` is the caller's cross mask.
@@ -266,6 +279,8 @@ class Attention(nn.Module):
         decode: bool = False,
         cross_attention: bool = False,
         bias_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+        block_table: jax.Array | None = None,
+        pages: paged_attention.KVPages | None = None,
     ) -> jax.Array:
         d_model = inputs_q.shape[-1]
         dense = lambda out_shape, out_axes, name: DenseGeneral(  # noqa: E731
@@ -290,8 +305,11 @@ class Attention(nn.Module):
             if self.use_rope:
                 q = rotary_embedding(q, query_positions, self.rope_theta)
                 k = rotary_embedding(k, query_positions, self.rope_theta)
-            k, v, mask, bias = self._update_cache(k, v, query_positions, mask, bias_fn)
-            out = dot_product_attention(q, k, v, mask, bias, self.scale, kv_layout="bkds")
+            if block_table is None:
+                k, v, mask, bias = self._update_cache(k, v, query_positions, mask, bias_fn)
+                out = dot_product_attention(q, k, v, mask, bias, self.scale, kv_layout="bkds")
+            else:
+                out = self._paged(q, k, v, query_positions, block_table, pages, mask, bias_fn)
         else:
             inputs_kv = inputs_q if inputs_kv is None else inputs_kv
             k = constrain(k_proj(inputs_kv), kv_axes)
@@ -324,12 +342,31 @@ class Attention(nn.Module):
             k.astype(cached_key.value.dtype), mode="drop")
         cached_value.value = cached_value.value.at[rows, heads, :, positions[:, :, None]].set(
             v.astype(cached_value.value.dtype), mode="drop")
-        cache_length = cached_key.value.shape[3]
-        key_positions = jnp.arange(cache_length, dtype=jnp.int32)[None, :]
-        visible = (key_positions[:, None, :] <= positions[:, :, None])[:, None]  # [B, 1, L, S]
-        mask = visible if mask is None else mask & visible
-        bias = None if bias_fn is None else bias_fn(positions, key_positions)
+        mask, bias = _decode_mask_and_bias(positions, cached_key.value.shape[3], mask, bias_fn)
         return constrain(cached_key.value, KV_CACHE_AXES), constrain(cached_value.value, KV_CACHE_AXES), mask, bias
+
+    def _paged(self, q, k, v, positions, block_table, pages, mask, bias_fn):
+        """Writes k/v [B, L, K, Dh] into the paged pools at positions [B, L] and attends over each row's
+        pages (a Pallas kernel for one-token steps where `paged_attention.kernel_choice` says so)."""
+        if pages is None and not self.has_variable("cache", "key_pages"):
+            raise ValueError("Attention: a paged cache is created by the first (init) call, which needs pages=KVPages")
+        shape = None if pages is None else (k.shape[2], pages.num_pages, pages.page_size, k.shape[3])
+        init = zeros_with_axes(paged_attention.KV_PAGES_AXES)
+        key_pages = self.variable("cache", "key_pages", init, shape, k.dtype)
+        value_pages = self.variable("cache", "value_pages", init, shape, v.dtype)
+        positions = positions.astype(jnp.int32)
+        key_pages.value = paged_attention.write(key_pages.value, k, block_table, positions)
+        value_pages.value = paged_attention.write(value_pages.value, v, block_table, positions)
+        kernel = paged_attention.kernel_choice()
+        if q.shape[1] == 1 and mask is None and bias_fn is None and kernel != "jnp":
+            return paged_attention.decode_attention_kernel(
+                q, key_pages.value, value_pages.value, block_table, positions[:, 0] + 1,
+                self.scale or q.shape[-1] ** -0.5, interpret=kernel == "pallas_interpret")
+        axes = ("act_kv_heads", "batch", None, None)
+        keys = constrain(paged_attention.gather(key_pages.value, block_table), axes)
+        values = constrain(paged_attention.gather(value_pages.value, block_table), axes)
+        mask, bias = _decode_mask_and_bias(positions, keys.shape[2], mask, bias_fn)
+        return dot_product_attention(q, keys, values, mask, bias, self.scale, kv_layout="kbsd")
 
     def _cross_kv(self, inputs_kv, k_proj, v_proj):
         """Cross-attention keys/values: projected from inputs_kv and cached, or read from the cache."""

@@ -17,7 +17,9 @@ Logits are float32 [B, V], predicting each row's next token. The cache is a pytr
 has the row first; it holds `cache_index` [B], the positions written per row, so rows decode at their
 own positions and a row can be refilled (prefill a one-row cache, write it into row i) while the
 others continue. Key/value caches are laid out [B, K, Dh, S] (`layers.dot_product_attention`).
-Decoder-only: S = max_length, the prompt's keys included. Encoder-decoder: the prompt is the encoder
+Decoder-only: S = max_length, the prompt's keys included; `init_cache(..., pages=KVPages(n, size))` makes
+a paged cache instead (`models.paged_attention`: a pool of pages per layer, shared by the rows, and a
+block table per row that the caller fills; the same logits). Encoder-decoder: the prompt is the encoder
 input; the cache holds its cross-attention keys/values [B, H, Dh, Le = prompt_length] and padding mask
 `encoder_valid` [B, Le] (the encoder runs once, in prefill) and decoder keys/values
 [B, H, Dh, S = max_length - prompt_length]; prefill feeds the decoder start token.
@@ -36,7 +38,8 @@ import jax
 import jax.numpy as jnp
 
 from lmops_jax import losses
-from lmops_jax.models import decoder_only, encoder_decoder
+from lmops_jax.models import decoder_only, encoder_decoder, paged_attention
+from lmops_jax.models.paged_attention import KVPages
 
 Batch = Mapping[str, jax.Array]
 Params = Any
@@ -114,11 +117,13 @@ class BaseModel(abc.ABC):
         """
 
     @abc.abstractmethod
-    def init_cache(self, batch: int, max_length: int, prompt_length: int | None = None) -> Cache:
+    def init_cache(self, batch: int, max_length: int, prompt_length: int | None = None, *,
+                   pages: KVPages | None = None) -> Cache:
         """An empty decoding cache (zeros, every row at position 0) for `batch` rows.
 
         max_length: the most tokens of a row, prompt + generated; prompt_length: the longest prompt
-        `prefill` will get (subclasses give the shapes). Leaves are `nn.Partitioned` boxes naming
+        `prefill` will get (subclasses give the shapes); pages: a paged cache of this shape, with every
+        block table entry "no page" (decoder-only models). Leaves are `nn.Partitioned` boxes naming
         their logical axes, as `init_params` returns them: `partitioner.shardings_of_boxed(
         jax.eval_shape(lambda: model.init_cache(...)))` shards them, `nn.meta.unbox` gives the arrays.
         """
@@ -210,11 +215,11 @@ class BaseModel(abc.ABC):
         return jnp.sum(token_logp * weights.astype(jnp.float32), axis=-1)
 
 
-def _init_cache(module: nn.Module, *input_shapes: tuple[int, int]) -> Cache:
-    """Zeros of the `cache` collection that `module(*int32 inputs, decode=True)` creates, still boxed."""
+def _init_cache(module: nn.Module, *input_shapes: tuple[int, int], **kwargs: Any) -> Cache:
+    """Zeros of the `cache` collection that `module(*int32 inputs, decode=True, **kwargs)` creates, still boxed."""
     def cache():
         inputs = [jnp.zeros(shape, jnp.int32) for shape in input_shapes]
-        return module.init(jax.random.key(0), *inputs, decode=True)["cache"]
+        return module.init(jax.random.key(0), *inputs, decode=True, **kwargs)["cache"]
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(cache))
 
 
@@ -230,6 +235,14 @@ def _apply_decode(module: nn.Module, params: Params, cache: Cache, *inputs: Any,
     logits, variables = module.apply({"params": params, "cache": _unboxed(cache)}, *inputs, decode=True,
                                      mutable=["cache"], **kwargs)
     return logits, variables["cache"]
+
+
+def _row_positions(cache: Cache) -> int:
+    """Positions a row of a decoder-only cache holds (dense or paged)."""
+    attention = cache["layers_0"]["self_attn"]
+    if paged_attention.BLOCK_TABLE in cache:
+        return cache[paged_attention.BLOCK_TABLE].shape[1] * attention["key_pages"].shape[2]
+    return attention["cached_key"].shape[3]
 
 
 def _check_prompt_fits(prompt_length: int, slots: int, what: str) -> None:
@@ -285,18 +298,24 @@ class DecoderOnlyModel(BaseModel):
     def prompt_shares_cache(self) -> bool:
         return True
 
-    def init_cache(self, batch, max_length, prompt_length=None):
+    def init_cache(self, batch, max_length, prompt_length=None, *, pages=None):
         """Per layer self-attention keys/values [B, K, Dh, S = max_length] (the prompt's too), and
-        cache_index [B]. prompt_length is only checked: the prompt shares the max_length slots."""
+        cache_index [B]; or with `pages`, block_table [B, ceil(max_length / page_size)] and per layer
+        key/value pages [K, num_pages, page_size, Dh]. prompt_length is only checked: the prompt shares
+        the max_length slots."""
         if prompt_length is not None and not 0 < prompt_length <= max_length:
             raise ValueError(f"init_cache: prompt_length={prompt_length} must lie in [1, max_length={max_length}]")
-        return _init_cache(self.module, (batch, max_length))
+        if pages is None:
+            return _init_cache(self.module, (batch, max_length))
+        cache = _init_cache(self.module, (batch, max_length), pages=pages)
+        table = cache[paged_attention.BLOCK_TABLE]
+        return {**cache, paged_attention.BLOCK_TABLE: table.replace_boxed(jnp.full_like(table.value, pages.num_pages))}
 
     def prefill(self, params, tokens, lengths, cache):
         """Writes the right-padded prompts [B, P] (P <= S) at each row's positions; a row's padding is
         overwritten by its next tokens before it could be attended to."""
         cache = _unboxed(cache)
-        _check_prompt_fits(tokens.shape[1], cache["layers_0"]["self_attn"]["cached_key"].shape[3], "positions")
+        _check_prompt_fits(tokens.shape[1], _row_positions(cache), "positions")
         lengths = jnp.asarray(lengths, jnp.int32)
         logits, cache = _apply_decode(self.module, params, cache, tokens, lengths=lengths)
         last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
@@ -393,11 +412,14 @@ class EncoderDecoderModel(BaseModel):
     def prompt_shares_cache(self) -> bool:
         return False
 
-    def init_cache(self, batch, max_length, prompt_length=None):
+    def init_cache(self, batch, max_length, prompt_length=None, *, pages=None):
         """Encoder side, for prompts of up to Le = prompt_length tokens: per decoder layer the
         cross-attention keys/values [B, H, Dh, Le], and `encoder_valid` [B, Le]. Decoder side: per layer
         self-attention keys/values [B, H, Dh, S = max_length - prompt_length] (the start token and the
         generated tokens, so S = the most tokens generated), and cache_index [B]."""
+        if pages is not None:
+            raise NotImplementedError("a paged KV cache is built for decoder-only models; an encoder-decoder model "
+                                      "keeps dense rows (its prompt has its own cross-attention cache)")
         if prompt_length is None or not 0 < prompt_length < max_length:
             raise ValueError(f"init_cache: an encoder-decoder cache needs prompt_length (its encoder length) in "
                              f"[1, max_length={max_length}), got {prompt_length}")

@@ -48,6 +48,8 @@ GAUGES = (
     ("vllm:kv_cache_usage_perc", "kv_cache_usage", "KV-cache usage. 1 means 100 percent usage."),
     ("lmops:slots_used", "slots_used", "Decode slots holding a request."),
     ("lmops:slots_total", "max_slots", "Decode slots of the engine."),
+    ("lmops:kv_blocks_used", "kv_blocks_used", "KV blocks referenced or cached (paged pool, or dense prefix pool)."),
+    ("lmops:kv_blocks_total", "kv_blocks_total", "KV blocks of the block pool."),
 )
 COUNTERS = (
     ("vllm:prompt_tokens", "prompt_tokens", "Number of prefill tokens processed."),

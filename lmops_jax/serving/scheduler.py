@@ -20,8 +20,16 @@ added). Requests never break the loop: an error in one request's handling ends i
 engine failure (a generate / insert that raises) ends every request with "error", stops the loop and
 marks the scheduler unhealthy (`healthy`, `error`; `submit` then raises `SchedulerUnavailable`).
 
-With a prefix cache (`engine.prefix_cache_blocks` > 0) a prompt's cached leading blocks are copied into
-its row and only the rest is prefilled; newly prefilled full blocks are cached (`serving.prefix_cache`).
+With a prefix cache (`engine.prefix_caching`) a prompt's cached leading blocks are reused and only the
+rest is prefilled; newly prefilled full blocks are cached (`serving.kv_blocks`). Dense rows copy them in
+and out of the engine's prefix pool; a paged engine's rows share them.
+
+Paged KV cache (`engine.paged`): a request is admitted only when blocks for its whole prompt are free
+(or evictable); before each step every running slot gets the blocks its next `engine.tokens_per_step`
+positions need. When none are left, the most recently admitted running request is preempted: its
+blocks are released and it goes back to the front of the queue, to be prefilled again from its prompt
+and the tokens it already streamed (vLLM's recompute preemption), continuing where it stopped; nothing
+it sent is lost or sent twice.
 """
 from __future__ import annotations
 
@@ -35,7 +43,7 @@ import uuid
 from typing import Callable, Sequence
 
 from lmops_jax.serving.engine import Engine, Prefix, SlotSampling
-from lmops_jax.serving.prefix_cache import PrefixCache
+from lmops_jax.serving.kv_blocks import BlockPool
 from lmops_jax.serving.speculative import SpeculativeStepResult
 # The request types are part of the scheduler's API: importable from here as well.
 from lmops_jax.serving.requests import (FINISH_REASONS, Event, FinishEvent, QueueFull, RequestError,  # noqa: F401
@@ -51,7 +59,7 @@ class SchedulerStats:
     running: int  # requests holding a slot (prefilling or decoding)
     slots_used: int
     max_slots: int
-    kv_cache_usage: float  # fraction of the slots' rows in use
+    kv_cache_usage: float  # fraction of the KV cache requests hold (paged: blocks; dense: slots' rows)
     prefix_cache_queries: int  # prompt tokens looked up
     prefix_cache_hits: int  # of them, cached
     prompt_tokens: int
@@ -61,7 +69,9 @@ class SchedulerStats:
     steps: int  # engine generate steps
     healthy: bool
     error: str | None
-    preemptions: int = 0  # dense rows never preempt
+    preemptions: int = 0  # running requests sent back to the queue for lack of KV blocks (paged)
+    kv_blocks_used: int = 0  # blocks of the block pool (paged KV, or the dense prefix pool) referenced or cached
+    kv_blocks_total: int = 0
     spec_drafts: int = 0  # speculative verifications, one per running slot and step
     spec_draft_tokens: int = 0  # tokens the draft proposed
     spec_accepted_tokens: int = 0  # of them, accepted by the served model
@@ -77,7 +87,9 @@ class _Request:
     seed: int
     slot: int | None = None
     prefix: Prefix | None = None
-    held: list[int] = dataclasses.field(default_factory=list)  # prefix-cache keys referenced
+    row: list[int] = dataclasses.field(default_factory=list)  # what is prefilled: prompt + tokens before a preemption
+    blocks: list[int] = dataclasses.field(default_factory=list)  # block-pool blocks referenced
+    admitted: int = -1  # admission order (the latest admitted is preempted first)
     cached_tokens: int = 0
     tokens: list[int] = dataclasses.field(default_factory=list)
     text_sent: str = ""
@@ -105,8 +117,9 @@ class Scheduler:
                              f"{prefill_chunk}")
         self.engine, self.max_queue, self.eos_id = engine, max_queue, eos_id
         self.detokenize, self.prefill_chunk, self.request_timeout_s = detokenize, prefill_chunk, request_timeout_s
-        self.prefix_cache = (PrefixCache(engine.prefix_cache_blocks, engine.block_size, model_id)
-                             if engine.prefix_cache_blocks else None)
+        pool_blocks = engine.kv_blocks if engine.paged else engine.prefix_cache_blocks
+        self.blocks = (BlockPool(pool_blocks, engine.block_size, prefix_caching=engine.prefix_caching,
+                                 model_id=model_id) if pool_blocks else None)
         self._lock = threading.Condition()
         self._waiting: collections.deque[_Request] = collections.deque()
         self._live: dict[str, _Request] = {}
@@ -177,16 +190,18 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         with self._lock:
             used = self.engine.max_slots - len(self._free_slots)
-            cache = self.prefix_cache
+            pool = self.blocks
+            usage = pool.blocks_referenced / pool.num_blocks if self.engine.paged else used / self.engine.max_slots
             return SchedulerStats(
                 waiting=len(self._waiting), running=len(self._running) + len(self._prefilling), slots_used=used,
-                max_slots=self.engine.max_slots, kv_cache_usage=used / self.engine.max_slots,
-                prefix_cache_queries=cache.queries if cache else 0, prefix_cache_hits=cache.hits if cache else 0,
+                max_slots=self.engine.max_slots, kv_cache_usage=usage,
+                prefix_cache_queries=pool.queries if pool else 0, prefix_cache_hits=pool.hits if pool else 0,
                 prompt_tokens=self._counts["prompt_tokens"], generated_tokens=self._counts["generated_tokens"],
                 finished=dict(self._finished), rejected=self._counts["rejected"], steps=self._counts["steps"],
                 healthy=self.healthy, error=self.error, spec_drafts=self._counts["spec_drafts"],
                 spec_draft_tokens=self._counts["spec_draft_tokens"],
-                spec_accepted_tokens=self._counts["spec_accepted_tokens"])
+                spec_accepted_tokens=self._counts["spec_accepted_tokens"], preemptions=self._counts["preemptions"],
+                kv_blocks_used=pool.blocks_used if pool else 0, kv_blocks_total=pool.num_blocks if pool else 0)
 
     # ------------------------------------------------------------------------------------- loop
     def _loop(self) -> None:
@@ -209,6 +224,8 @@ class Scheduler:
         self._end_cancelled_and_late()
         self._admit()
         self._feed_prompts()
+        if self.engine.paged and self.healthy:
+            self._grow_rows()
         if self._running and self.healthy:
             self._decode()
         with self._lock:
@@ -228,17 +245,39 @@ class Scheduler:
             with self._lock:
                 if not self._waiting or not self._free_slots or (self._stopping and not self._drain):
                     return
-                request = self._waiting.popleft()
+                request = self._waiting[0]
+                request.row = request.prompt + request.tokens
+                if self.engine.paged and not self._take_prompt_blocks(request):
+                    return  # FIFO: the head waits for blocks
+                self._waiting.popleft()
                 request.slot = self._free_slots.popleft()
             self._prefilling.append(request)
-            self._counts["prompt_tokens"] += len(request.prompt)
-            if self.prefix_cache is not None:
+            request.admitted = self._counts["admitted"]
+            self._counts["admitted"] += 1
+            if not request.tokens:
+                self._counts["prompt_tokens"] += len(request.prompt)
+            if self.blocks is not None and not self.engine.paged:
                 self._guard(request, self._load_cached_prefix, request)
 
+    def _take_prompt_blocks(self, request: _Request) -> bool:
+        """Paged: references the row's cached leading blocks and allocates the rest; False (nothing
+        held) when the pool cannot give them now."""
+        hit = self.blocks.match(request.row)
+        fresh = self.blocks.allocate(self.blocks.blocks_for(len(request.row)) - len(hit))
+        if fresh is None:
+            self.blocks.release(hit)
+            return False
+        self.blocks.record_lookup(len(request.row), len(hit))
+        request.blocks = hit + fresh
+        request.prefix = self.engine.paged_prefix(request.blocks, len(hit) * self.engine.block_size)
+        request.cached_tokens = max(request.cached_tokens, request.prefix.length)
+        return True
+
     def _load_cached_prefix(self, request: _Request) -> None:
-        request.held = self.prefix_cache.match(request.prompt)
-        if request.held:
-            request.prefix = self.engine.load_prefix(self.prefix_cache.block_ids(request.held))
+        request.blocks = self.blocks.match(request.row)
+        self.blocks.record_lookup(len(request.row), len(request.blocks))
+        if request.blocks:
+            request.prefix = self.engine.load_prefix(request.blocks)
             request.cached_tokens = request.prefix.length
 
     def _feed_prompts(self) -> None:
@@ -249,32 +288,63 @@ class Scheduler:
             if budget <= 0 or not self.healthy:
                 return
             done = 0 if request.prefix is None else request.prefix.length
-            take = len(request.prompt) - done
+            take = len(request.row) - done
             if chunked:
                 take = min(take, budget)
             budget -= take
             if not self._guard(request, self._prefill, request, done, take):
                 continue
-            if request.prefix.length == len(request.prompt):
+            if request.prefix.length == len(request.row):
                 self._engine_call(self._start_decoding, request)
 
     def _prefill(self, request: _Request, done: int, take: int) -> None:
-        request.prefix = self.engine.prefill(request.prompt[done:done + take], take, request.prefix)
+        request.prefix = self.engine.prefill(request.row[done:done + take], take, request.prefix)
 
     def _start_decoding(self, request: _Request) -> None:
         """Caches the prompt's new blocks and moves the request into its slot."""
-        if self.prefix_cache is not None:
-            request.held, copies = self.prefix_cache.insert(request.prompt, request.held)
+        if self.engine.paged:
+            self.blocks.publish(request.row, request.blocks)
+        elif self.blocks is not None:
+            request.blocks, copies = self.blocks.cache_prompt(request.row, request.blocks)
             self.engine.save_blocks(request.prefix, copies)
-            self.prefix_cache.release(request.held)
-            request.held = []
+            self.blocks.release(request.blocks)
+            request.blocks = []
         params = request.params
         self._sampling.set(request.slot, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                            seed=request.seed)
-        self.engine.insert(request.prefix, request.slot)
+        self.engine.insert(request.prefix, request.slot, steps=len(request.tokens))
         request.prefix = None
         self._prefilling.remove(request)
         self._running[request.slot] = request
+
+    def _grow_rows(self) -> None:
+        """Paged: blocks for the positions each running slot writes next, preempting the latest admitted
+        running requests while the pool has too few."""
+        ahead = self.engine.tokens_per_step
+        for request in sorted(self._running.values(), key=lambda r: r.admitted):
+            if request.slot is None:  # preempted for an older request in this loop
+                continue
+            positions = min(int(self.engine.lengths[request.slot]) + ahead, self.engine.row_limit)
+            need = self.blocks.blocks_for(positions) - len(request.blocks)
+            while need > 0 and self._running.get(request.slot) is request:
+                fresh = self.blocks.allocate(need)
+                if fresh is not None:
+                    request.blocks += fresh
+                    self.engine.set_blocks(request.slot, request.blocks)
+                    break
+                self._preempt(max(self._running.values(), key=lambda r: r.admitted))
+
+    def _preempt(self, request: _Request) -> None:
+        """Sends a running request back to the front of the queue, releasing its slot and blocks."""
+        del self._running[request.slot]
+        self.engine.free(request.slot)
+        self.blocks.release(request.blocks)
+        request.blocks, request.prefix = [], None
+        with self._lock:
+            self._free_slots.append(request.slot)
+            request.slot = None
+            self._waiting.appendleft(request)
+        self._counts["preemptions"] += 1
 
     def _decode(self) -> None:
         result = self._engine_call(self.engine.generate, self._sampling)
@@ -327,9 +397,9 @@ class Scheduler:
                 return
             if request in self._waiting:
                 self._waiting.remove(request)
-        if self.prefix_cache is not None and request.held:
-            self.prefix_cache.release(request.held)
-            request.held = []
+        if request.blocks:
+            self.blocks.release(request.blocks)
+            request.blocks = []
         if request in self._prefilling:
             self._prefilling.remove(request)
         if self._running.get(request.slot) is request:

@@ -35,7 +35,6 @@ from lmops_jax.serving.server import build_app
 from lmops_jax.serving.tokenizer import Tokenizer
 
 DEFAULT_MAX_LENGTH = 2048
-PREFIX_BLOCK_SIZE = 16  # prompt tokens per prefix-cache block
 WARMUP_TIMEOUT_S = 600.0
 
 
@@ -99,6 +98,9 @@ def serve(
     max_queue: int = 64,
     max_length: int | None = None,
     prefix_cache: bool = True,
+    kv_cache: str = "dense",
+    kv_cache_bytes: int | None = None,
+    block_size: int = 16,
     prefill_chunk: int | None = 512,
     request_timeout_s: float | None = None,
     draft_checkpoint: str | None = None,
@@ -118,8 +120,13 @@ def serve(
       max_queue: requests waiting for a slot before new ones get 429 (MAX_QUEUE).
       max_length: prompt + generated tokens of a request (MAX_LENGTH); None: the model's, else 2048.
       prefix_cache: reuse the keys/values of prompt blocks seen before (PREFIX_CACHE); decoder-only
-        models only (an encoder-decoder model is served without). The block pool holds
-        max_slots * max_length positions, as many as the decode slots.
+        models only (an encoder-decoder model is served without). Dense rows keep cached blocks in a
+        pool of max_slots rows' worth; a paged cache shares its own blocks.
+      kv_cache: 'dense' (a row of max_length positions per slot) or 'paged' (a pool of blocks shared by
+        the slots, `serving.engine`; decoder-only models) (KV_CACHE).
+      kv_cache_bytes: the paged pool's bytes (KV_CACHE_BYTES); None: 90% of the free device memory where
+        the device reports it (GPU, TPU), else max_slots rows' worth.
+      block_size: positions per KV / prefix-cache block (BLOCK_SIZE).
       prefill_chunk: prompt tokens prefilled per engine step, so running requests keep streaming while a
         long prompt is read (PREFILL_CHUNK; None: whole prompts).
       request_timeout_s: a request running longer ends with what it has (REQUEST_TIMEOUT_S; None: never).
@@ -136,6 +143,7 @@ def serve(
     _check(checkpoint_path, port, max_slots, max_queue)
     server = build_server(
         checkpoint_path, max_slots=max_slots, max_queue=max_queue, max_length=max_length, prefix_cache=prefix_cache,
+        kv_cache=kv_cache, kv_cache_bytes=kv_cache_bytes, block_size=block_size,
         prefill_chunk=prefill_chunk, request_timeout_s=request_timeout_s, dtype=dtype, mesh_shape=mesh_shape,
         logical_axis_rules=logical_axis_rules, model_name=model_name, draft_checkpoint=draft_checkpoint,
         num_draft_tokens=num_draft_tokens)
@@ -149,6 +157,7 @@ def serve(
 
 
 def build_server(checkpoint_path: str, *, max_slots: int, max_queue: int, max_length: int | None, prefix_cache: bool,
+                 kv_cache: str = "dense", kv_cache_bytes: int | None = None, block_size: int = 16,
                  prefill_chunk: int | None, request_timeout_s: float | None, dtype: str | None,
                  mesh_shape: Mapping[str, int] | None, logical_axis_rules: Any,
                  model_name: str | None, draft_checkpoint: str | None = None, num_draft_tokens: int = 4) -> Server:
@@ -162,9 +171,8 @@ def build_server(checkpoint_path: str, *, max_slots: int, max_queue: int, max_le
     if prefix_cache and not model.prompt_shares_cache:
         logging.info("PREFIX_CACHE: %s encodes its whole prompt at once, so it is served without a prefix cache",
                      type(model).__name__)
-    blocks = max_slots * (max_length // PREFIX_BLOCK_SIZE) if prefix_cache and model.prompt_shares_cache else 0
-    engine_args = dict(max_slots=max_slots, max_length=max_length, prefix_cache_blocks=blocks,
-                       block_size=PREFIX_BLOCK_SIZE)
+    engine_args = dict(max_slots=max_slots, max_length=max_length, kv_cache=kv_cache, kv_cache_bytes=kv_cache_bytes,
+                       block_size=block_size, prefix_cache=prefix_cache and model.prompt_shares_cache)
     if draft_checkpoint is None:
         engine = Engine(model, params, partitioner, **engine_args)
     else:

@@ -6,8 +6,8 @@ checks them in one forward, and each slot keeps the longest prefix the served mo
     scheduler = Scheduler(engine, ...)          # as with `Engine`; stats() counts drafts and acceptances
 
 The draft (same vocabulary, its own params) keeps its own cache for the same slots: a draft `Engine`
-prefills, inserts, frees (and loads / saves prefix-cache blocks, same block ids in its own pool) next
-to the served one. Both caches hold the same tokens; the last emitted token of a slot is `pending`
+of the same layout prefills, inserts, frees (and loads / saves prefix-cache blocks; paged: uses the
+same block ids, in its own pool) next to the served one. Both caches hold the same tokens; the last emitted token of a slot is `pending`
 (emitted, not yet fed to either model). One `generate` (one compiled function) per step:
 
   1. a slot just inserted first samples its first token from its prefill logits (that is `pending`);
@@ -127,8 +127,9 @@ class SpeculativeEngine(Engine):
         self.num_draft_tokens = num_draft_tokens
         self.draft = Engine(draft_model, draft_params, self.partitioner, max_slots=self.max_slots,
                             max_length=self.max_length, max_prompt_length=self.max_prompt_length,
-                            prefill_buckets=self.buckets, prefix_cache_blocks=self.prefix_cache_blocks,
-                            block_size=self.block_size)
+                            prefill_buckets=self.buckets, kv_cache="paged" if self.paged else "dense",
+                            block_size=self.block_size, kv_blocks=self.kv_blocks if self.paged else None,
+                            prefix_cache=self.prefix_caching, prefix_cache_blocks=self.prefix_cache_blocks or None)
         replicated = self.partitioner.replicated
         self._pending = jax.device_put(np.zeros(self.max_slots, np.int32), replicated)
         self._fresh = np.zeros(self.max_slots, bool)  # inserted since the last step: no pending token yet
@@ -143,6 +144,17 @@ class SpeculativeEngine(Engine):
         draft = self.draft.prefill(tokens, true_length, None if prefix is None else prefix.draft)
         return dataclasses.replace(super().prefill(tokens, true_length, prefix), draft=draft)
 
+    def paged_prefix(self, blocks: Sequence[int], length: int = 0) -> Prefix:
+        return dataclasses.replace(super().paged_prefix(blocks, length), draft=self.draft.paged_prefix(blocks, length))
+
+    def set_blocks(self, slot: int, blocks: Sequence[int]) -> None:
+        super().set_blocks(slot, blocks)
+        self.draft.set_blocks(slot, blocks)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.num_draft_tokens + 1
+
     def load_prefix(self, block_ids: Sequence[int]) -> Prefix:
         return dataclasses.replace(super().load_prefix(block_ids), draft=self.draft.load_prefix(block_ids))
 
@@ -150,9 +162,9 @@ class SpeculativeEngine(Engine):
         super().save_blocks(prefix, blocks)
         self.draft.save_blocks(prefix.draft, blocks)
 
-    def insert(self, prefix: Prefix, slot: int) -> None:
-        super().insert(prefix, slot)
-        self.draft.insert(prefix.draft, slot)
+    def insert(self, prefix: Prefix, slot: int, steps: int = 0) -> None:
+        super().insert(prefix, slot, steps)
+        self.draft.insert(prefix.draft, slot, steps)
         self._fresh[slot] = True
 
     def free(self, slot: int) -> None:
@@ -163,6 +175,8 @@ class SpeculativeEngine(Engine):
     def generate(self, sampling: SlotSampling) -> SpeculativeStepResult:
         """One speculative step for every slot (one compiled function), fetched to the host."""
         draft = self.draft
+        self._sync_tables()
+        draft._sync_tables()
         with self.partitioner.context():
             self._state, draft._state, self._pending, tokens, logprobs, accepted = self._spec_jit(
                 self.params, draft.params, self._state, draft._state, self._pending, self._fresh,
@@ -171,6 +185,7 @@ class SpeculativeEngine(Engine):
         count = np.where(self._occupied, np.minimum(accepted + 1 + self._fresh, self._room), 0)
         self._fresh[:] = False
         self._room -= count
+        self.lengths += np.where(self._occupied, accepted + 1, 0)
         used = int(self._occupied.sum())
         return SpeculativeStepResult(
             np.asarray(tokens), np.asarray(logprobs), count, self._occupied & (self._room <= 0), drafts=used,

@@ -26,7 +26,7 @@ def params_of(m: model.BaseModel):
 @functools.lru_cache(maxsize=None)
 def llama_engine() -> Engine:
     return Engine(LLAMA, params_of(LLAMA), max_slots=4, max_length=64, max_prompt_length=40,
-                  prefix_cache_blocks=8, block_size=4)
+                  prefix_cache=True, prefix_cache_blocks=8, block_size=4)
 
 
 def prompts(lengths, seed=0):
@@ -34,10 +34,18 @@ def prompts(lengths, seed=0):
     return [rng.integers(1, 128, n).tolist() for n in lengths]
 
 
+def prefill_for_slot(engine: Engine, row, slot: int):
+    """engine.prefill(row); a paged engine's row gets its own blocks, in reverse order (any order works)."""
+    if not engine.paged:
+        return engine.prefill(row)
+    per_row = engine.max_length // engine.block_size
+    return engine.prefill(row, prefix=engine.paged_prefix(range((slot + 1) * per_row - 1, slot * per_row - 1, -1)))
+
+
 def run_slots(engine: Engine, rows, steps: int, sampling: SlotSampling | None = None) -> np.ndarray:
     """Inserts one prompt per slot and runs `steps` generate steps: tokens [slots, steps]."""
     for slot, row in enumerate(rows):
-        engine.insert(engine.prefill(row), slot)
+        engine.insert(prefill_for_slot(engine, row, slot), slot)
     sampling = sampling or SlotSampling.greedy(engine.max_slots)
     out = np.stack([engine.generate(sampling).tokens for _ in range(steps)], axis=1)
     for slot in range(len(rows)):
@@ -149,15 +157,32 @@ def test_a_prompt_longer_than_the_largest_bucket_is_fed_in_chunks():
     assert dict(engine.trace_counts) == {"prefill_16": 1, "prefill_8": 1}  # 16 + 16 + 6
 
 
-def test_tensor_parallel_slots_give_the_one_device_tokens():
+@pytest.mark.parametrize("kv_cache", ["dense", "paged"])
+def test_tensor_parallel_slots_give_the_one_device_tokens(kv_cache):
     m = tiny_llama(num_heads=4, num_kv_heads=4, max_length=64)
     rows = prompts([3, 12, 7, 20], seed=6)
-    one = Engine(m, params_of(m), max_slots=4, max_length=48)
-    tp = Engine(m, params_of(m), Partitioner({"data": 2, "fsdp": 1, "model": 4}, "tp"), max_slots=4, max_length=48)
+    args = dict(max_slots=4, max_length=48, kv_cache=kv_cache, block_size=4)
+    one = Engine(m, params_of(m), **args)
+    tp = Engine(m, params_of(m), Partitioner({"data": 2, "fsdp": 1, "model": 4}, "tp"), **args)
     specs = {jax.tree_util.keystr(path): tuple(x.sharding.spec)
              for path, x in jax.tree_util.tree_flatten_with_path(tp._state.cache)[0]}
-    assert specs["['layers_0']['self_attn']['cached_key']"][:2] == (("data", "fsdp"), "model")  # rows, KV heads
+    if kv_cache == "dense":
+        assert specs["['layers_0']['self_attn']['cached_key']"][:2] == (("data", "fsdp"), "model")  # rows, KV heads
+    else:
+        assert specs["['layers_0']['self_attn']['key_pages']"][:1] == ("model",)  # KV heads; pages shared by rows
     np.testing.assert_array_equal(run_slots(tp, rows, 6), run_slots(one, rows, 6))
+
+
+def test_paged_slots_give_the_dense_slots_tokens_and_logprobs():
+    rows = prompts([3, 12, 7, 20], seed=7)
+    dense = Engine(LLAMA, params_of(LLAMA), max_slots=4, max_length=64)
+    paged = Engine(LLAMA, params_of(LLAMA), max_slots=4, max_length=64, kv_cache="paged", block_size=8)
+    sampling = SlotSampling.greedy(4)
+    sampling.set(1, temperature=0.8, top_k=20, top_p=0.9, seed=3)
+    np.testing.assert_array_equal(run_slots(paged, rows, 12, sampling), run_slots(dense, rows, 12, sampling))
+    assert paged.kv_blocks == 4 * 64 // 8  # no budget given, no device memory figures: dense rows' worth
+    paged.free(2)  # a free slot's table is cleared: its garbage steps write no block
+    assert (paged._tables[2] == paged.kv_blocks).all()
 
 
 def test_whether_a_prompt_shares_the_cache_is_the_models_own():
@@ -168,7 +193,7 @@ def test_whether_a_prompt_shares_the_cache_is_the_models_own():
 
 def test_engine_errors_name_their_cause():
     with pytest.raises(ValueError, match="prefix caching needs a model whose prompt shares the cache"):
-        Engine(T5, params_of(T5), max_slots=1, max_length=32, prefix_cache_blocks=4)
+        Engine(T5, params_of(T5), max_slots=1, max_length=32, prefix_cache=True)
     with pytest.raises(ValueError, match="max_prompt_length=40 must lie in"):
         Engine(LLAMA, params_of(LLAMA), max_slots=1, max_length=40, max_prompt_length=40)
     engine = llama_engine()
@@ -176,3 +201,14 @@ def test_engine_errors_name_their_cause():
         engine.prefill(prompts([41])[0])
     with pytest.raises(ValueError, match="no logits yet"):
         engine.insert(engine.load_prefix([0]), 0)
+    with pytest.raises(ValueError, match="KV_CACHE must be 'dense' or 'paged', got 'pages'"):
+        Engine(LLAMA, params_of(LLAMA), max_slots=1, max_length=32, kv_cache="pages")
+    with pytest.raises(ValueError, match="KV_CACHE='paged' needs a decoder-only model; EncoderDecoderModel"):
+        Engine(T5, params_of(T5), max_slots=1, max_length=32, kv_cache="paged")
+    with pytest.raises(ValueError, match="KV_CACHE_BYTES=100 holds no block: one block of 16 positions takes"):
+        Engine(LLAMA, params_of(LLAMA), max_slots=1, max_length=32, kv_cache="paged", kv_cache_bytes=100)
+    paged = Engine(LLAMA, params_of(LLAMA), max_slots=1, max_length=32, kv_cache="paged", block_size=4)
+    with pytest.raises(ValueError, match="pass engine.paged_prefix"):
+        paged.prefill([1, 2, 3])
+    with pytest.raises(ValueError, match="pass engine.paged_prefix"):
+        paged.prefill([1, 2, 3, 4, 5], prefix=paged.paged_prefix([0]))  # 5 positions, one block of 4

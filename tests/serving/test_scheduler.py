@@ -1,4 +1,4 @@
-"""serving.scheduler (+ prefix_cache): continuous batching gives each request the tokens it gets alone from
+"""serving.scheduler (+ kv_blocks): continuous batching gives each request the tokens it gets alone from
 `InferenceModule.generate`, with and without chunked prefill and the prefix cache, for Llama and T5;
 stopping, streaming, cancellation, timeouts, back-pressure, bad input and failures."""
 import asyncio
@@ -14,7 +14,7 @@ from lmops_jax.inference.inference_module import InferenceModule
 from lmops_jax.models import encoder_decoder, model
 from lmops_jax.serving import scheduler as scheduler_lib
 from lmops_jax.serving.engine import Engine
-from lmops_jax.serving.prefix_cache import PrefixCache
+from lmops_jax.serving.kv_blocks import BlockPool
 from lmops_jax.serving.scheduler import (FinishEvent, QueueFull, RequestError, SamplingParams, Scheduler,
                                          SchedulerUnavailable, TokenEvent)
 from tests.helpers import tiny_llama
@@ -35,9 +35,11 @@ def params_of(m):
 def engine(name: str) -> Engine:
     if name == "t5":
         return Engine(T5, params_of(T5), max_slots=3, max_length=32, max_prompt_length=16)
-    blocks = 16 if name == "cached" else 0
+    if name.startswith("paged"):  # paged_small: 24 blocks of 4, half what 4 full rows take, so rows are preempted
+        return Engine(LLAMA, params_of(LLAMA), max_slots=4, max_length=64, max_prompt_length=40, kv_cache="paged",
+                      block_size=4, kv_blocks=24 if name == "paged_small" else None, prefix_cache="cached" in name)
     return Engine(LLAMA, params_of(LLAMA), max_slots=4, max_length=64, max_prompt_length=40,
-                  prefix_cache_blocks=blocks, block_size=4)
+                  prefix_cache=name == "cached", prefix_cache_blocks=16 if name == "cached" else None, block_size=4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,7 +91,8 @@ def serve(scheduler: Scheduler, reqs, seed: int = 1) -> list[tuple[list[int], st
     return results
 
 
-@pytest.mark.parametrize("name,chunk", [("llama", None), ("cached", None), ("cached", 8), ("t5", None)])
+@pytest.mark.parametrize("name,chunk", [("llama", None), ("cached", None), ("cached", 8), ("t5", None),
+                                        ("paged", None), ("paged_cached", 8)])
 def test_continuous_batching_gives_each_request_its_tokens_alone(name, chunk, monkeypatch):
     reqs = requests("t5" if name == "t5" else "llama")
     fed = []  # prompt tokens per prefill call
@@ -103,10 +106,68 @@ def test_continuous_batching_gives_each_request_its_tokens_alone(name, chunk, mo
             np.testing.assert_allclose(sum(logprobs), logprob, rtol=1e-4, atol=1e-4)
     stats = scheduler.stats()
     assert stats.generated_tokens == sum(len(r[2]) for r in reqs) and stats.waiting == stats.running == 0
-    assert (stats.prefix_cache_hits > 0) == (name == "cached")
+    assert (stats.prefix_cache_hits > 0) == ("cached" in name)
     assert engine(name).trace_counts["generate"] == 1
     assert sum(fed) == sum(len(r[0]) for r in reqs) - stats.prefix_cache_hits  # hits are not prefilled
     assert max(fed) == chunk if chunk else len(fed) == len(reqs)  # chunks of at most `chunk` tokens
+
+
+def test_paged_rows_out_of_blocks_are_preempted_and_recomputed_never_dropped():
+    reqs = requests("llama")
+    scheduler = Scheduler(engine("paged_small"), max_queue=32)
+    peak = 0
+    original_step = scheduler.step
+
+    def step():
+        nonlocal peak
+        peak = max(peak, len(scheduler._running))
+        return original_step()
+    scheduler.step = step
+    for (tokens, reason, logprobs), (_, params, expected, logprob) in zip(serve(scheduler, reqs), reqs):
+        assert tokens == expected and reason in ("stop", "length")
+        if logprob is not None:
+            np.testing.assert_allclose(sum(logprobs), logprob, rtol=1e-4, atol=1e-4)
+    stats = scheduler.stats()
+    assert stats.preemptions > 0 and stats.generated_tokens == sum(len(r[2]) for r in reqs)
+    assert scheduler.blocks.blocks_referenced == 0 and peak > 1
+
+
+def test_paged_rows_run_more_requests_than_dense_rows_in_the_same_bytes():
+    from lmops_jax.serving import engine as engine_lib
+    budget = 2 * engine_lib.kv_bytes_per_row(LLAMA, 64)  # two dense rows of 64 positions
+    dense = Engine(LLAMA, params_of(LLAMA), max_slots=2, max_length=64)
+    paged = Engine(LLAMA, params_of(LLAMA), max_slots=8, max_length=64, kv_cache="paged", block_size=4,
+                   kv_cache_bytes=budget)
+    assert paged.kv_blocks * engine_lib.kv_bytes_per_block(LLAMA, 4, 64) <= budget
+    peaks = []
+    for e in (dense, paged):
+        scheduler = Scheduler(e, max_queue=8)
+        handles = [scheduler.submit(list(range(1, 6 + i)), SamplingParams(max_tokens=4, **GREEDY)) for i in range(8)]
+        peak = 0
+        while scheduler.step():
+            peak = max(peak, scheduler.stats().running)
+        peaks.append(peak)
+        assert all(h.result(0)[1] == "length" for h in handles)
+    assert peaks == [2, 8]
+
+
+def test_paged_prefix_hits_share_blocks_without_copying():
+    scheduler = Scheduler(engine("paged_cached"), max_queue=4)
+    shared = np.random.default_rng(6).integers(1, 128, 12).tolist()
+    first = scheduler.submit(shared + [5, 6, 7], SamplingParams(max_tokens=6, **GREEDY))
+    scheduler.step()  # first is prefilled and running: its 3 full prompt blocks are cached
+    second = scheduler.submit(shared + [9, 9], SamplingParams(max_tokens=6, **GREEDY))
+    scheduler.step()
+    rows = {r.id: r.blocks for r in scheduler._running.values()}
+    assert rows[first.request_id][:3] == rows[second.request_id][:3]  # the same blocks, referenced twice
+    assert scheduler.blocks.blocks_referenced == len(set(rows[first.request_id]) | set(rows[second.request_id]))
+    while scheduler.step():
+        pass
+    alone = Scheduler(engine("paged"), max_queue=4)
+    again = alone.submit(shared + [9, 9], SamplingParams(max_tokens=6, **GREEDY))
+    while alone.step():
+        pass
+    assert second.result(0) == again.result(0) and scheduler.stats().prefix_cache_hits == 12
 
 
 def test_prefix_cache_counts_hits_and_keeps_outputs():
@@ -133,19 +194,18 @@ def test_prefix_cache_counts_hits_and_keeps_outputs():
 
 
 def test_prefix_cache_evicts_unreferenced_tails_first():
-    cache = PrefixCache(num_blocks=3, block_size=2)
-    held, copies = cache.insert([1, 2, 3, 4, 5], [])
+    cache = BlockPool(num_blocks=3, block_size=2)
+    held, copies = cache.cache_prompt([1, 2, 3, 4, 5], [])
     assert copies == [(0, 0), (1, 1)]
     cache.release(held)
-    other, copies = cache.insert([7, 7, 8], [])
+    other, copies = cache.cache_prompt([7, 7, 8], [])
     assert copies == [(0, 2)]  # the free block
     # The pool is full: the next block evicts the least recently released tail ([3, 4]), not its head.
-    more, copies = cache.insert([9, 9, 1], [])
+    more, copies = cache.cache_prompt([9, 9, 1], [])
     assert copies == [(0, 1)]
     assert cache.match([1, 2, 3, 4, 5]) == held[:1]
-    assert cache.hits == 2 and cache.queries == 5
     # Everything is referenced now: nothing can be evicted, so nothing more is cached.
-    assert cache.insert([6, 6, 6], []) == ([], [])
+    assert cache.cache_prompt([6, 6, 6], []) == ([], [])
 
 
 def test_stop_strings_text_deltas_eos_and_logprobs():

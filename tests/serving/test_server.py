@@ -92,7 +92,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    srv = Server(checkpoint, "--gin.MAX_SLOTS=2", "--gin.MAX_QUEUE=4", f"--gin.MAX_LENGTH={MAX_LENGTH}")
+    srv = Server(checkpoint, "--gin.MAX_SLOTS=2", "--gin.MAX_QUEUE=4", f"--gin.MAX_LENGTH={MAX_LENGTH}",
+                 "--gin.KV_CACHE='paged'")  # the in-process app below keeps dense rows
     yield srv
     srv.stop()
 
@@ -241,6 +242,7 @@ def test_metrics_parse_and_count_the_requests_made(server):
     assert delta("vllm:request_prompt_tokens_sum") == sum(u["prompt_tokens"] for u in usages)
     assert delta("lmops:requests_rejected_total", reason="invalid") == 3
     assert _value(after, "lmops:slots_total") == 2
+    assert _value(after, "lmops:kv_blocks_total") == 2 * MAX_LENGTH // 16  # paged: MAX_SLOTS rows' worth of blocks
     assert delta("vllm:prefix_cache_queries_total") >= delta("vllm:prefix_cache_hits_total") >= 0
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                  "vllm:spec_decode_num_draft_tokens_total", "vllm:spec_decode_num_accepted_tokens_total",
@@ -353,7 +355,7 @@ def test_sse_framing_ends_with_done(in_process):
 def test_a_tensor_parallel_server_on_8_devices_gives_the_one_device_greedy_text(in_process, checkpoint):
     assert jax.device_count() == 8
     tp = serve_lib.build_server(checkpoint, max_slots=4, max_queue=8, max_length=64, prefix_cache=True,
-                                prefill_chunk=16, request_timeout_s=None, dtype=None,
+                                kv_cache="paged", block_size=8, prefill_chunk=16, request_timeout_s=None, dtype=None,
                                 mesh_shape={"data": 1, "fsdp": 1, "model": -1}, logical_axis_rules="tp",
                                 model_name="tiny")
     assert tp.scheduler.engine.partitioner.mesh.size == 8

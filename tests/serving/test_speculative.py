@@ -19,7 +19,7 @@ from tests.helpers import tiny_llama
 VOCAB = 32
 TARGET = tiny_llama(vocab_size=VOCAB, d_model=32, num_layers=2, max_length=48)
 SMALL = tiny_llama(vocab_size=VOCAB, d_model=32, num_layers=1, max_length=48)
-ENGINE_ARGS = dict(max_slots=3, max_length=48, max_prompt_length=24, prefill_buckets=(24,), prefix_cache_blocks=12,
+ENGINE_ARGS = dict(max_slots=3, max_length=48, max_prompt_length=24, prefill_buckets=(24,), prefix_cache=True, prefix_cache_blocks=12,
                    block_size=4)
 
 
@@ -57,6 +57,16 @@ def greedy_requests():
 @functools.lru_cache(maxsize=None)
 def plain_greedy():
     return serve_all(Engine(TARGET, params_of(TARGET), **ENGINE_ARGS), greedy_requests())[0]
+
+
+def test_paged_speculation_is_the_served_models_greedy_output():
+    args = dict(ENGINE_ARGS, kv_cache="paged", prefix_cache_blocks=None, kv_blocks=16)  # < 2 rows: preempts
+    engine = SpeculativeEngine(TARGET, params_of(TARGET), draft_model=TARGET, draft_params=draft_params(),
+                               num_draft_tokens=3, **args)
+    tokens, scheduler = serve_all(engine, greedy_requests())
+    assert tokens == plain_greedy()
+    stats = scheduler.stats()
+    assert stats.spec_accepted_tokens > 0 and stats.prefix_cache_hits > 0 and stats.preemptions > 0
 
 
 @pytest.mark.parametrize("draft", ["noisy", "self", "small"])
