@@ -5,8 +5,8 @@ wrong type or out of range gives `APIError` 400 whose `param` names the field (`
 What only the model knows (prompt too long for MAX_LENGTH, token id outside the vocabulary) the
 scheduler checks (`RequestError`), and the server maps it to the same 400. Supported subsets:
   - one prompt per request (a string or a list of token ids), `n` completions of it;
-  - `logprobs` gives the sampled tokens' log-probabilities only: the engine returns no alternatives, so
-    `logprobs` (completions) and `top_logprobs` (chat) must be 0 when given;
+  - log-probabilities of the sampled tokens and of up to MAX_TOP_LOGPROBS most likely alternatives per
+    token (`logprobs` N for completions; `logprobs: true` with `top_logprobs` N for chat);
   - `presence_penalty` / `frequency_penalty` are accepted only as 0, `echo` only as false.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 MAX_N = 16  # completions per request; each takes a decode slot
+MAX_TOP_LOGPROBS = 20  # = serving.engine.MAX_TOP_LOGPROBS (OpenAI's chat limit)
 
 
 class APIError(Exception):
@@ -131,13 +132,8 @@ class CompletionRequest(SamplingFields):
     """POST /v1/completions. prompt: one string (tokenized, the model's BOS added) or token ids (BOS added)."""
     prompt: str | list[StrictInt]
     max_tokens: int = Field(16, ge=1)
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
-
-    @pydantic.field_validator("logprobs")
-    @classmethod
-    def _sampled_only(cls, value: int | None) -> int | None:
-        return _zero_only("logprobs", value, "only the sampled tokens' log-probabilities are returned")
 
     @pydantic.field_validator("echo")
     @classmethod
@@ -169,12 +165,14 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @pydantic.field_validator("top_logprobs")
     @classmethod
-    def _sampled_only(cls, value: int | None) -> int | None:
-        return _zero_only("top_logprobs", value, "only the sampled tokens' log-probabilities are returned")
+    def _top_needs_logprobs(cls, value: int | None, info: pydantic.ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
 
     @property
     def token_limit(self) -> int | None:
@@ -189,10 +187,10 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """The legacy completions format; top_logprobs stays None (no alternatives, module docstring)."""
+    """The legacy completions format: top_logprobs, per token {token text: logprob} of the most likely."""
     tokens: list[str]
     token_logprobs: list[float]
-    top_logprobs: None = None
+    top_logprobs: list[dict[str, float]] | None = None
     text_offset: list[int]
 
 

@@ -21,10 +21,9 @@ decoder-only), `prefill(..., prefix=p)` continues the row of `p` at its cache_in
 feeds a long prompt chunk by chunk between decode steps, and a prompt longer than the largest bucket
 is fed in chunks of that bucket.
 
-Prefix-cache blocks (`prefix_cache=True`, prompt-sharing models only): a pool on device holds the
-keys/values of `block_size` prompt positions per block, for every cache leaf whose last axis is the
-position (the model's documented [B, K, Dh, S] layout). `load_prefix` copies blocks into a fresh row
-(its cache_index set past them), `save_blocks` copies a prefilled row's blocks into the pool. Which
+Prefix-cache blocks with dense rows (`prefix_cache=True`, prompt-sharing models only): a pool on device
+(`serving.prefix_pool`) holds the keys/values of `block_size` prompt positions per block; `load_prefix`
+copies blocks into a fresh row, `save_blocks` copies a prefilled row's blocks into the pool. Which
 blocks hold what is the host's bookkeeping (`serving.kv_blocks`).
 
 Paged KV cache (`kv_cache="paged"`, decoder-only models): the model's paged cache
@@ -55,8 +54,9 @@ from lmops_jax.models import loading
 from lmops_jax.models.model import BaseModel, Cache
 from lmops_jax.models.paged_attention import BLOCK_TABLE, KVPages
 from lmops_jax.partitioning import Partitioner
+from lmops_jax.serving.prefix_pool import CACHE_INDEX, PrefixPool
 
-CACHE_INDEX = "cache_index"  # the per-row positions leaf every model cache holds (models.model)
+MAX_TOP_LOGPROBS = 20  # most likely tokens a step reports per slot when asked (OpenAI's chat limit)
 
 
 @dataclasses.dataclass
@@ -105,16 +105,38 @@ class StepResult:
     """One `generate` step, host arrays over slots (entries of free slots mean nothing).
 
     tokens int32 [S]; logprobs float32 [S], each token's log-probability under the model's unmodified
-    distribution; finished bool [S]: the slot's row is full, so this was the last token it can take.
+    distribution; finished bool [S]: the slot's row is full, so this was the last token it can take;
+    top_tokens int32 / top_logprobs float32 [S, MAX_TOP_LOGPROBS]: the most likely tokens at the step,
+    when asked (`generate(..., top_logprobs=True)`), else None.
     """
 
     tokens: np.ndarray
     logprobs: np.ndarray
     finished: np.ndarray
+    top_tokens: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
 
-    def emitted(self, slot: int) -> list[tuple[int, float]]:
-        """(token, logprob) pairs slot `slot` got this step, in order: one here (speculative steps give more)."""
-        return [(int(self.tokens[slot]), float(self.logprobs[slot]))]
+    def emitted(self, slot: int) -> list[tuple[int, float, TopLogprobs]]:
+        """(token, logprob, top (token, logprob) pairs or ()) slot `slot` got this step, in order: one
+        here (speculative steps give more)."""
+        return [(int(self.tokens[slot]), float(self.logprobs[slot]), _top_pairs(self.top_tokens, self.top_logprobs,
+                                                                                  (slot,)))]
+
+
+TopLogprobs = tuple[tuple[int, float], ...]
+
+
+def _top_pairs(tokens: np.ndarray | None, logprobs: np.ndarray | None, index: tuple[int, ...]) -> TopLogprobs:
+    """The (token, logprob) pairs at `index` of top arrays [..., MAX_TOP_LOGPROBS]; () when not computed."""
+    if tokens is None:
+        return ()
+    return tuple((int(t), float(lp)) for t, lp in zip(tokens[index], logprobs[index]))
+
+
+def top_log_probs(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The MAX_TOP_LOGPROBS most likely tokens of float32 logits [..., V]: (ids int32, log-probs) [..., K]."""
+    values, ids = jax.lax.top_k(jax.nn.log_softmax(logits), min(MAX_TOP_LOGPROBS, logits.shape[-1]))
+    return ids.astype(jnp.int32), values
 
 
 class DecodeState(NamedTuple):
@@ -219,8 +241,8 @@ class Engine:
         self._prefill_jit = jax.jit(self._prefill_fn, donate_argnums=1,
                                     out_shardings=(replicated, self._row_shardings))
         self._insert_jit = jax.jit(self._insert_fn, donate_argnums=0, out_shardings=self._state_shardings)
-        self._step_jit = jax.jit(self._step_fn, donate_argnums=1,
-                                 out_shardings=(self._state_shardings, replicated, replicated))
+        self._step_jit = jax.jit(self._step_fn, donate_argnums=1, static_argnames="with_top",
+                                 out_shardings=(self._state_shardings, replicated, replicated, replicated))
         with self.partitioner.context():
             self._state = jax.jit(lambda: DecodeState(
                 _boxed_values(self._new_cache(max_slots)), jnp.zeros((max_slots, model.vocab_size), jnp.float32),
@@ -233,7 +255,10 @@ class Engine:
             self._init_paged()
         elif prefix_cache:
             self.prefix_cache_blocks = prefix_cache_blocks or max_slots * (self.max_prompt_length // block_size)
-            self._init_block_pool(row_boxed)
+            self._prefix_pool = PrefixPool(
+                row_boxed, lambda: _boxed_values(self._new_cache(1)), self.partitioner, self._row_shardings,
+                num_blocks=self.prefix_cache_blocks, block_size=block_size, max_length=max_length,
+                max_prompt_length=self.max_prompt_length, trace_counts=self.trace_counts)
 
     def _new_cache(self, batch: int) -> Cache:
         """The model's empty cache for `batch` rows, boxed with its logical axes (paged: the shared pool)."""
@@ -394,96 +419,40 @@ class Engine:
     def free_slots(self) -> list[int]:
         return [int(s) for s in np.flatnonzero(~self._occupied)]
 
-    def generate(self, sampling: SlotSampling) -> StepResult:
-        """One token for every slot (one compiled step), fetched to the host."""
+    def generate(self, sampling: SlotSampling, top_logprobs: bool = False) -> StepResult:
+        """One token for every slot (one compiled step), fetched to the host; top_logprobs: also the most
+        likely tokens of every slot (a second compiled step, used while a request asks for them)."""
         self._sync_tables()
         with self.partitioner.context():
-            self._state, tokens, logprobs = self._step_jit(
-                self.params, self._state, sampling.temperature, sampling.top_k, sampling.top_p, sampling.key_data)
+            self._state, tokens, logprobs, top = self._step_jit(
+                self.params, self._state, sampling.temperature, sampling.top_k, sampling.top_p, sampling.key_data,
+                with_top=top_logprobs)
         self._room -= self._occupied
         self.lengths += self._occupied
-        return StepResult(np.asarray(tokens), np.asarray(logprobs), self._occupied & (self._room <= 0))
+        top_tokens, top_values = (np.asarray(top[0]), np.asarray(top[1])) if top_logprobs else (None, None)
+        return StepResult(np.asarray(tokens), np.asarray(logprobs), self._occupied & (self._room <= 0),
+                          top_tokens, top_values)
 
-    def _step_fn(self, params, state: DecodeState, temperature, top_k, top_p, key_data):
-        self.trace_counts["generate"] += 1
+    def _step_fn(self, params, state: DecodeState, temperature, top_k, top_p, key_data, with_top: bool):
+        self.trace_counts["generate_top" if with_top else "generate"] += 1
         keys = jax.vmap(lambda data, step: jax.random.fold_in(jax.random.wrap_key_data(data), step))(
             key_data, state.steps)
         tokens = decoding.sample_rows(state.logits, keys, temperature, top_k, top_p)
         logprobs = jnp.take_along_axis(jax.nn.log_softmax(state.logits), tokens[:, None], axis=-1)[:, 0]
+        top = top_log_probs(state.logits) if with_top else None
         logits, cache = self.model.decode_step(params, tokens, state.cache)
-        return DecodeState(cache, logits, state.steps + 1), tokens, logprobs
+        return DecodeState(cache, logits, state.steps + 1), tokens, logprobs, top
 
     # ------------------------------------------------------------------------- prefix-cache blocks
-    def _init_block_pool(self, row_boxed: Cache) -> None:
-        """A pool [blocks, ..., block_size] per positional leaf of a row, sharded like that leaf."""
-        is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
-        leaves = jax.tree_util.tree_flatten_with_path(row_boxed, is_leaf=is_box)[0]
-        self._positional = []
-        for path, box in leaves:
-            shape = box.value.shape
-            if shape[-1] == self.max_length and len(shape) > 2:
-                self._positional.append(True)
-            elif jax.tree_util.keystr(path).endswith(f"['{CACHE_INDEX}']"):
-                self._positional.append(False)
-            else:
-                raise ValueError(f"prefix caching: cache leaf {jax.tree_util.keystr(path)} {shape} is neither a "
-                                 f"position-last [B, ..., S={self.max_length}] leaf nor {CACHE_INDEX}")
-        pools = [jax.ShapeDtypeStruct((self.prefix_cache_blocks,) + box.value.shape[1:-1] + (self.block_size,),
-                                      box.value.dtype) for (_, box), pos in zip(leaves, self._positional) if pos]
-        names = [(None,) + tuple(box.names[1:]) for (_, box), pos in zip(leaves, self._positional) if pos]
-        shardings = [self.partitioner.sharding(n, p.shape) for n, p in zip(names, pools)]
-        self._pool = jax.jit(lambda: [jnp.zeros(p.shape, p.dtype) for p in pools], out_shardings=shardings)()
-        self._max_blocks = self.max_prompt_length // self.block_size
-        self._load_jit = jax.jit(self._load_fn, out_shardings=self._row_shardings)
-        self._store_jit = jax.jit(self._store_fn, donate_argnums=0, out_shardings=shardings)
-
-    def _padded_ids(self, ids: Sequence[int], fill: int) -> np.ndarray:
-        if len(ids) > self._max_blocks:
-            raise ValueError(f"{len(ids)} blocks do not fit a prompt of max_prompt_length={self.max_prompt_length}")
-        out = np.full(self._max_blocks, fill, np.int32)
-        out[:len(ids)] = ids
-        return out
-
     def load_prefix(self, block_ids: Sequence[int]) -> Prefix:
-        """A fresh row holding the pool blocks `block_ids` as its first positions (no logits yet)."""
-        length = len(block_ids) * self.block_size
+        """Dense rows: a fresh row holding the prefix pool's blocks `block_ids` as its first positions (no
+        logits yet)."""
         with self.partitioner.context():
-            row = self._load_jit(self._pool, self._padded_ids(block_ids, 0), np.int32(length))
-        return Prefix(row, None, length)
-
-    def _load_fn(self, pool, ids, length):
-        self.trace_counts["load_prefix"] += 1
-        leaves, treedef = jax.tree.flatten(_boxed_values(self._new_cache(1)))
-        blocks = iter(pool)
-        out = []
-        for leaf, positional in zip(leaves, self._positional):
-            if positional:
-                gathered = jnp.moveaxis(next(blocks)[ids], 0, -2)  # [..., max_blocks, block_size]
-                span = gathered.reshape(gathered.shape[:-2] + (-1,))
-                leaf = jax.lax.dynamic_update_slice_in_dim(leaf, span[None].astype(leaf.dtype), 0, axis=leaf.ndim - 1)
-            else:
-                leaf = jnp.full_like(leaf, length)
-            out.append(leaf)
-        return jax.tree.unflatten(treedef, out)
+            row = self._prefix_pool.load(block_ids)
+        return Prefix(row, None, len(block_ids) * self.block_size)
 
     def save_blocks(self, prefix: Prefix, blocks: Sequence[tuple[int, int]]) -> None:
-        """Copies block j of the row (positions j * block_size ...) into pool block b, for each (j, b)."""
-        if not blocks:
-            return
-        dest = self._padded_ids([], self.prefix_cache_blocks)  # out of range: dropped
-        for j, b in blocks:
-            dest[j] = b
-        with self.partitioner.context():
-            self._pool = self._store_jit(self._pool, prefix.cache, dest)
-
-    def _store_fn(self, pool, row, dest):
-        self.trace_counts["save_blocks"] += 1
-        leaves = [leaf for leaf, positional in zip(jax.tree.leaves(row), self._positional) if positional]
-        span = self._max_blocks * self.block_size
-        out = []
-        for blocks, leaf in zip(pool, leaves):
-            seq = leaf[0, ..., :span]
-            seq = jnp.moveaxis(seq.reshape(seq.shape[:-1] + (self._max_blocks, self.block_size)), -2, 0)
-            out.append(blocks.at[dest].set(seq.astype(blocks.dtype), mode="drop"))
-        return out
-
+        """Dense rows: copies block j of the row (positions j * block_size ...) into pool block b, for each (j, b)."""
+        if blocks:
+            with self.partitioner.context():
+                self._prefix_pool.save(prefix.cache, blocks)

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import AsyncIterator, Iterator, Sequence
 
-from lmops_jax.serving.engine import Engine
+from lmops_jax.serving.engine import MAX_TOP_LOGPROBS, Engine
 
 FINISH_REASONS = ("stop", "length", "cancelled", "timeout", "error")
 
@@ -40,7 +40,9 @@ class RequestError(ValueError):
 class SamplingParams:
     """How one request decodes. temperature 0 is greedy; top_k 0 keeps all tokens; seed None draws one;
     stop: strings that end the text (they need the scheduler's detokenize); logprobs: give each token's
-    log-probability; timeout_s: end the request after this long (None: the scheduler's default)."""
+    log-probability; top_logprobs: and the most likely tokens at each step, this many (at most
+    MAX_TOP_LOGPROBS; needs logprobs); timeout_s: end the request after this long (None: the scheduler's
+    default)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -50,6 +52,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()
     stop: Sequence[str] = ()
     logprobs: bool = False
+    top_logprobs: int = 0
     timeout_s: float | None = None
 
 
@@ -58,6 +61,7 @@ class TokenEvent:
     token_id: int
     logprob: float | None  # None unless SamplingParams.logprobs
     text_delta: str  # new text (detokenize given), "" for a stop token or held-back text
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token, logprob) most likely first, SamplingParams.top_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +174,8 @@ def check_request(prompt_tokens: Sequence[int], params: SamplingParams, engine: 
          f"token ids in [0, {vocab})"),
         ("stop", not isinstance(params.stop, str) and all(isinstance(s, str) and s for s in params.stop),
          "a list of non-empty strings"),
+        ("top_logprobs", _is_int(params.top_logprobs) and 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS
+         and (params.logprobs or not params.top_logprobs), f"an int in [0, {MAX_TOP_LOGPROBS}], with logprobs"),
         ("timeout_s", params.timeout_s is None or (_is_real(params.timeout_s) and params.timeout_s > 0),
          "None or a number > 0"),
     ]

@@ -347,7 +347,8 @@ class Scheduler:
         self._counts["preemptions"] += 1
 
     def _decode(self) -> None:
-        result = self._engine_call(self.engine.generate, self._sampling)
+        top = any(r.params.top_logprobs for r in self._running.values())
+        result = self._engine_call(self.engine.generate, self._sampling, top)
         if result is None:
             return
         self._counts["steps"] += 1
@@ -356,20 +357,21 @@ class Scheduler:
                                 spec_accepted_tokens=result.accepted_tokens)
         for slot, request in list(self._running.items()):
             emitted = result.emitted(slot)
-            for i, (token, logprob) in enumerate(emitted):
+            for i, (token, logprob, top) in enumerate(emitted):
                 row_full = bool(result.finished[slot]) and i == len(emitted) - 1
                 if self._running.get(slot) is not request or not self._guard(
-                        request, self._advance, request, token, logprob, row_full):
+                        request, self._advance, request, token, logprob, top, row_full):
                     break
 
-    def _advance(self, request: _Request, token: int, logprob: float, row_full: bool) -> None:
+    def _advance(self, request: _Request, token: int, logprob: float, top: tuple, row_full: bool) -> None:
         """Records one token of a running request, streams it, and ends the request when it stops."""
         params = request.params
         request.tokens.append(token)
         self._counts["generated_tokens"] += 1
         stop_token = token == self.eos_id or token in params.stop_token_ids
         delta, stop_string = ("", False) if stop_token else self._new_text(request)
-        request.handle._put(TokenEvent(token, logprob if params.logprobs else None, delta))
+        request.handle._put(TokenEvent(token, logprob if params.logprobs else None, delta,
+                                       top[:params.top_logprobs]))
         if stop_token or stop_string:
             self._finish(request, "stop", flush=not stop_string)
         elif len(request.tokens) >= params.max_tokens or row_full:

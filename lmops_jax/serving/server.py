@@ -58,13 +58,15 @@ def unavailable(reason: str) -> api.APIError:
 class _Choice:
     """Choice `index` of an HTTP request: one scheduler request and what it produced so far.
 
-    pieces / logprobs: each token's text and log-probability; tail: text released at the finish.
+    pieces / logprobs / tops: each token's text, log-probability and most likely alternatives ((token id,
+    logprob) pairs); tail: text released at the finish.
     """
     index: int
     handle: RequestHandle
     timer: RequestTimer = dataclasses.field(default_factory=RequestTimer)
     pieces: list[str] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    tops: list[tuple] = dataclasses.field(default_factory=list)
     tail: str = ""
     completion_tokens: int = 0
     finish_reason: str | None = None
@@ -199,6 +201,7 @@ class _Service:
             choice.pieces.append(event.text_delta)
             if event.logprob is not None:
                 choice.logprobs.append(event.logprob)
+                choice.tops.append(event.top_logprobs)
             return
         choice.tail = event.text_delta
         choice.completion_tokens = event.usage.completion_tokens
@@ -264,49 +267,69 @@ def _offsets(pieces: list[str]) -> list[int]:
     return out
 
 
-def _chat_logprobs(pieces: list[str], logprobs: list[float]) -> api.ChatLogprobs:
-    return api.ChatLogprobs(content=[api.TokenLogprob(token=p, logprob=lp, bytes=list(p.encode("utf-8")))
-                                     for p, lp in zip(pieces, logprobs)])
+def _chat_logprobs(tokenizer: Tokenizer, pieces: list[str], logprobs: list[float], tops: list[tuple]) -> api.ChatLogprobs:
+    def entry(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    return api.ChatLogprobs(content=[api.TokenLogprob(
+        token=p, logprob=lp, bytes=list(p.encode("utf-8")),
+        top_logprobs=[entry(tokenizer.decode([t]), x) for t, x in top]) for p, lp, top in zip(pieces, logprobs, tops)])
 
 
-def _sampling(body: api.SamplingFields, max_tokens: int, stop: tuple[str, ...], logprobs: bool) -> SamplingParams:
+def _completion_logprobs(tokenizer: Tokenizer, pieces: list[str], logprobs: list[float], tops: list[tuple],
+                         offset: int, top_n: int) -> api.CompletionLogprobs:
+    """The legacy format; top_logprobs maps each alternative's text to its logprob (when asked). Being keyed
+    by text, it keeps the likeliest of alternatives whose texts are equal (e.g. partial UTF-8 bytes)."""
+    def by_text(pairs: tuple) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for token, logprob in pairs:
+            out.setdefault(tokenizer.decode([token]), logprob)
+        return out
+    top = [by_text(pairs) for pairs in tops] if top_n else None
+    return api.CompletionLogprobs(tokens=pieces, token_logprobs=logprobs, top_logprobs=top,
+                                  text_offset=[offset + o for o in _offsets(pieces)])
+
+
+def _sampling(body: api.SamplingFields, max_tokens: int, stop: tuple[str, ...], logprobs: bool,
+              top_logprobs: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_k=max(body.top_k, 0),
-                          top_p=body.top_p, seed=body.seed, stop=tuple(body.stop) + stop, logprobs=logprobs)
+                          top_p=body.top_p, seed=body.seed, stop=tuple(body.stop) + stop, logprobs=logprobs,
+                          top_logprobs=top_logprobs)
 
 
-def _completion_chunk(choice: _Choice, event: Event, logprobs: bool) -> api.CompletionChoice:
-    """A streamed choice: a token's text (and logprob), or the finish with any text held back until then."""
+def _completion_chunk(tokenizer: Tokenizer, choice: _Choice, event: Event, top_n: int | None) -> api.CompletionChoice:
+    """A streamed choice: a token's text (and logprobs), or the finish with any text held back until then."""
     if isinstance(event, FinishEvent):
         return api.CompletionChoice(index=choice.index, text=event.text_delta, finish_reason=choice.finish_reason)
     offset = len(choice.text) - len(event.text_delta)
-    lp = api.CompletionLogprobs(tokens=[event.text_delta], token_logprobs=[event.logprob],
-                                text_offset=[offset]) if logprobs else None
+    lp = (_completion_logprobs(tokenizer, [event.text_delta], [event.logprob], [event.top_logprobs], offset, top_n)
+          if top_n is not None else None)
     return api.CompletionChoice(index=choice.index, text=event.text_delta, logprobs=lp)
 
 
 async def _completions(service: _Service, body: api.CompletionRequest, request: Request) -> Response:
     service.check(body.model)
-    logprobs = body.logprobs is not None
-    prompt = service.tokenizer.prompt(body.prompt)
-    run = service.submit(prompt, _sampling(body, body.max_tokens, (), logprobs), body.n, "prompt")
+    top_n, tokenizer = body.logprobs, service.tokenizer
+    prompt = tokenizer.prompt(body.prompt)
+    run = service.submit(prompt, _sampling(body, body.max_tokens, (), top_n is not None, top_n or 0), body.n, "prompt")
 
     def whole(run: _Run) -> api.CompletionResponse:
         choices = [api.CompletionChoice(
             index=c.index, text=c.text, finish_reason=c.finish_reason,
-            logprobs=api.CompletionLogprobs(tokens=c.pieces, token_logprobs=c.logprobs, text_offset=_offsets(c.pieces))
-            if logprobs else None) for c in run.choices]
+            logprobs=_completion_logprobs(tokenizer, c.pieces, c.logprobs, c.tops, 0, top_n)
+            if top_n is not None else None) for c in run.choices]
         return api.CompletionResponse(id=run.id, model=service.model_name, choices=choices, usage=run.usage())
 
     return await service.respond(request, run, body, api.CompletionResponse,
-                                 lambda c, e: _completion_chunk(c, e, logprobs), whole)
+                                 lambda c, e: _completion_chunk(tokenizer, c, e, top_n), whole)
 
 
-def _chat_chunk(choice: _Choice, event: Event, logprobs: bool) -> api.ChatChunkChoice:
+def _chat_chunk(tokenizer: Tokenizer, choice: _Choice, event: Event, logprobs: bool) -> api.ChatChunkChoice:
     """A streamed chat choice; its first chunk carries the role."""
     finished = isinstance(event, FinishEvent)
     first = choice.timer.tokens == (0 if finished else 1)
     delta = api.ChatDelta(role="assistant" if first else None, content=event.text_delta or None)
-    lp = _chat_logprobs([event.text_delta], [event.logprob]) if logprobs and not finished else None
+    lp = (_chat_logprobs(tokenizer, [event.text_delta], [event.logprob], [event.top_logprobs])
+          if logprobs and not finished else None)
     return api.ChatChunkChoice(index=choice.index, delta=delta, logprobs=lp,
                                finish_reason=choice.finish_reason if finished else None)
 
@@ -323,18 +346,20 @@ async def _chat(service: _Service, body: api.ChatCompletionRequest, request: Req
     service.check(body.model)
     prompt = _chat_prompt(service, body)
     max_tokens = body.token_limit or max(1, service.scheduler.engine.capacity(len(prompt)))
-    params = _sampling(body, max_tokens, service.chat_template.stop, body.logprobs)
+    params = _sampling(body, max_tokens, service.chat_template.stop, body.logprobs, body.top_logprobs or 0)
     run = service.submit(prompt, params, body.n, "messages")
+    tokenizer = service.tokenizer
 
     def whole(run: _Run) -> api.ChatCompletionResponse:
         choices = [api.ChatChoice(index=c.index, message=api.AssistantMessage(content=c.text),
                                   finish_reason=c.finish_reason,
-                                  logprobs=_chat_logprobs(c.pieces, c.logprobs) if body.logprobs else None)
+                                  logprobs=_chat_logprobs(tokenizer, c.pieces, c.logprobs, c.tops)
+                                  if body.logprobs else None)
                    for c in run.choices]
         return api.ChatCompletionResponse(id=run.id, model=service.model_name, choices=choices, usage=run.usage())
 
     return await service.respond(request, run, body, api.ChatCompletionChunk,
-                                 lambda c, e: _chat_chunk(c, e, body.logprobs), whole)
+                                 lambda c, e: _chat_chunk(tokenizer, c, e, body.logprobs), whole)
 
 
 def _error_response(error: api.APIError) -> JSONResponse:

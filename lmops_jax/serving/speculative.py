@@ -41,7 +41,8 @@ import numpy as np
 from lmops_jax.inference import decoding
 from lmops_jax.models.model import BaseModel, Cache
 from lmops_jax.partitioning import Partitioner
-from lmops_jax.serving.engine import CACHE_INDEX, DecodeState, Engine, Prefix, SlotSampling
+from lmops_jax.serving.engine import (CACHE_INDEX, DecodeState, Engine, Prefix, SlotSampling, TopLogprobs, _top_pairs,
+                                      top_log_probs)
 
 
 class DraftMismatch(ValueError):
@@ -55,7 +56,8 @@ class SpeculativeStepResult:
     tokens int32 [S, k + 2] and logprobs float32 [S, k + 2] (under the served model's unmodified
     distribution), valid up to num_tokens int32 [S]; finished bool [S]: the slot's row is full.
     drafts, draft_tokens, accepted_tokens: this step's counts over occupied slots (vLLM's
-    spec_decode_num_drafts / _draft_tokens / _accepted_tokens).
+    spec_decode_num_drafts / _draft_tokens / _accepted_tokens). top_tokens / top_logprobs [S, k + 2, K]:
+    the most likely tokens at each emitted position, when asked, else None.
     """
 
     tokens: np.ndarray
@@ -65,10 +67,12 @@ class SpeculativeStepResult:
     drafts: int
     draft_tokens: int
     accepted_tokens: int
+    top_tokens: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
 
-    def emitted(self, slot: int) -> list[tuple[int, float]]:
-        n = int(self.num_tokens[slot])
-        return [(int(t), float(lp)) for t, lp in zip(self.tokens[slot, :n], self.logprobs[slot, :n])]
+    def emitted(self, slot: int) -> list[tuple[int, float, TopLogprobs]]:
+        return [(int(self.tokens[slot, i]), float(self.logprobs[slot, i]),
+                 _top_pairs(self.top_tokens, self.top_logprobs, (slot, i))) for i in range(int(self.num_tokens[slot]))]
 
 
 def accept_drafts(logp: jax.Array, logq: jax.Array, drafts: jax.Array, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -134,9 +138,9 @@ class SpeculativeEngine(Engine):
         self._pending = jax.device_put(np.zeros(self.max_slots, np.int32), replicated)
         self._fresh = np.zeros(self.max_slots, bool)  # inserted since the last step: no pending token yet
         self._spec_jit = jax.jit(
-            self._spec_step_fn, donate_argnums=(2, 3, 4),
+            self._spec_step_fn, donate_argnums=(2, 3, 4), static_argnames="with_top",
             out_shardings=(self._state_shardings, self.draft._state_shardings, replicated, replicated, replicated,
-                           replicated))  # the draft engine's decode state is this engine's to step
+                           replicated, replicated))  # the draft engine's decode state is this engine's to step
 
     # ------------------------------------------------- both models: prefill, prefix blocks, slots
     def prefill(self, tokens: Sequence[int] | np.ndarray, true_length: int | None = None,
@@ -172,15 +176,15 @@ class SpeculativeEngine(Engine):
         self.draft.free(slot)
 
     # ------------------------------------------------------------------------------- the step
-    def generate(self, sampling: SlotSampling) -> SpeculativeStepResult:
+    def generate(self, sampling: SlotSampling, top_logprobs: bool = False) -> SpeculativeStepResult:
         """One speculative step for every slot (one compiled function), fetched to the host."""
         draft = self.draft
         self._sync_tables()
         draft._sync_tables()
         with self.partitioner.context():
-            self._state, draft._state, self._pending, tokens, logprobs, accepted = self._spec_jit(
+            self._state, draft._state, self._pending, tokens, logprobs, accepted, top = self._spec_jit(
                 self.params, draft.params, self._state, draft._state, self._pending, self._fresh,
-                sampling.temperature, sampling.top_k, sampling.top_p, sampling.key_data)
+                sampling.temperature, sampling.top_k, sampling.top_p, sampling.key_data, with_top=top_logprobs)
         accepted = np.asarray(accepted)
         count = np.where(self._occupied, np.minimum(accepted + 1 + self._fresh, self._room), 0)
         self._fresh[:] = False
@@ -189,12 +193,14 @@ class SpeculativeEngine(Engine):
         used = int(self._occupied.sum())
         return SpeculativeStepResult(
             np.asarray(tokens), np.asarray(logprobs), count, self._occupied & (self._room <= 0), drafts=used,
-            draft_tokens=used * self.num_draft_tokens, accepted_tokens=int(accepted[self._occupied].sum()))
+            draft_tokens=used * self.num_draft_tokens, accepted_tokens=int(accepted[self._occupied].sum()),
+            top_tokens=np.asarray(top[0]) if top_logprobs else None,
+            top_logprobs=np.asarray(top[1]) if top_logprobs else None)
 
     def _spec_step_fn(self, params, draft_params, state: DecodeState, draft_state: DecodeState, pending, fresh,
-                      temperature, top_k, top_p, key_data):
+                      temperature, top_k, top_p, key_data, with_top: bool):
         """Steps 1-5 of the module docstring: (state, draft_state, pending, tokens [S, k + 2],
-        logprobs [S, k + 2], accepted [S])."""
+        logprobs [S, k + 2], accepted [S], top (ids, log-probs) [S, k + 2, K] or None)."""
         self.trace_counts["speculate"] += 1
         k, slots = self.num_draft_tokens, self.max_slots
         keys = jax.vmap(lambda data, step: jax.random.split(
@@ -230,6 +236,11 @@ class SpeculativeEngine(Engine):
                              jnp.pad(cand_logprobs, ((0, 0), (0, 1))))
         roll_back = lambda c: _map_cache_index(c, lambda index: index - k + accepted)  # noqa: E731
         steps = state.steps + accepted + 1 + fresh
+        top = None
+        if with_top:  # laid out like tokens: the first token's (fresh slots) from the prefill logits, then each candidate's
+            first, rest = top_log_probs(state.logits), top_log_probs(logits)
+            top = tuple(jnp.where(fresh[:, None, None], jnp.concatenate([f[:, None], r], axis=1),
+                                  jnp.pad(r, ((0, 0), (0, 1), (0, 0)))) for f, r in zip(first, rest))
         return (DecodeState(roll_back(cache), state.logits, steps),
                 DecodeState(roll_back(draft_cache), draft_state.logits, draft_state.steps),
-                nxt, tokens, logprobs, accepted)
+                nxt, tokens, logprobs, accepted, top)

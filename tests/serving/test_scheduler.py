@@ -214,7 +214,8 @@ def test_stop_strings_text_deltas_eos_and_logprobs():
     text = detokenize(expected)
     stop = text[4:6]
     scheduler = Scheduler(engine("llama"), max_queue=4, detokenize=detokenize, eos_id=expected[6])
-    handles = [scheduler.submit(prompt, SamplingParams(max_tokens=NEW, stop=(stop,), logprobs=True, **GREEDY)),
+    handles = [scheduler.submit(prompt, SamplingParams(max_tokens=NEW, stop=(stop,), logprobs=True, top_logprobs=3,
+                                                       **GREEDY)),
                scheduler.submit(prompt, SamplingParams(max_tokens=NEW, **GREEDY))]
     while scheduler.step():
         pass
@@ -224,6 +225,10 @@ def test_stop_strings_text_deltas_eos_and_logprobs():
     assert "".join(e.text_delta for e in events) == text[:cut] and events[-1].finish_reason == "stop"
     first = engine("llama").prefill(prompt).logits[0]
     np.testing.assert_allclose(events[0].logprob, jax.nn.log_softmax(first)[expected[0]], rtol=1e-5)
+    best = np.argsort(-np.asarray(jax.nn.log_softmax(first)))[:3]
+    assert [t for t, _ in events[0].top_logprobs] == best.tolist() and best[0] == expected[0]
+    np.testing.assert_allclose([x for _, x in events[0].top_logprobs], jax.nn.log_softmax(first)[best], rtol=1e-5)
+    assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0][0] == e.token_id for e in events[:-1])
     events = list(handles[1].iter_events(timeout=0))  # ends at eos_id, which is kept, with no text
     tokens = [e.token_id for e in events[:-1]]
     assert tokens == expected[:expected.index(expected[6]) + 1]
@@ -327,7 +332,7 @@ def test_a_failing_request_ends_alone_and_an_engine_failure_marks_unhealthy(monk
     assert events[-1].finish_reason == "error" and "UnicodeDecodeError" in events[-1].error
     assert fine.result(0)[1] == "length" and scheduler.healthy
 
-    def fail(sampling):
+    def fail(sampling, top_logprobs=False):
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(engine("llama"), "generate", fail)

@@ -143,7 +143,7 @@ BAD_COMPLETIONS = [
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "x", "max_tokens": MAX_LENGTH}, "max_tokens"),  # prompt + max_tokens > MAX_LENGTH
     ({"prompt": "x", "n": 0}, "n"),
-    ({"prompt": "x", "logprobs": 5}, "logprobs"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
     ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
     ([1, 2], "body"),
 ]
@@ -152,6 +152,8 @@ BAD_CHATS = [
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
     ({"messages": [{"role": "user", "content": "x" * (MAX_LENGTH + 10)}]}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": [3]}, "stop"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),  # without logprobs
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
 ]
 
 
@@ -328,6 +330,19 @@ def test_n_choices_seeds_logprobs_and_stop_strings(in_process):
         assert "".join(lp["tokens"]) == c["text"] and all(x <= 0 for x in lp["token_logprobs"])
         assert lp["text_offset"][0] == 0 and len(lp["tokens"]) == len(lp["token_logprobs"])
     assert first["usage"]["completion_tokens"] == sum(len(c["logprobs"]["tokens"]) for c in first["choices"])
+    assert all(lp["top_logprobs"] is None for lp in (c["logprobs"] for c in first["choices"]))
+
+    top = _post(app, "/v1/completions", {"prompt": "Hi", "max_tokens": 5, "temperature": 0, "logprobs": 3}).json()
+    lp = top["choices"][0]["logprobs"]
+    for token, logprob, alternatives in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        # keyed by text: alternatives decoding to the same text (partial UTF-8 bytes) keep the likeliest
+        assert 1 <= len(alternatives) <= 3 and list(alternatives.values()) == sorted(alternatives.values(), reverse=True)
+        assert alternatives[token] == pytest.approx(logprob) == max(alternatives.values())  # greedy: the top one
+    chat = _post(app, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+                                                "logprobs": True, "top_logprobs": 2, "temperature": 0}).json()
+    for item in chat["choices"][0]["logprobs"]["content"]:
+        assert [t["logprob"] for t in item["top_logprobs"]][0] == pytest.approx(item["logprob"])
+        assert len(item["top_logprobs"]) == 2 and item["top_logprobs"][0]["token"] == item["token"]
 
     greedy = _post(app, "/v1/completions", {"prompt": "Hi", "max_tokens": 8, "temperature": 0}).json()
     text = greedy["choices"][0]["text"]
@@ -402,7 +417,7 @@ def test_engine_failure_answers_503_and_health_says_so(monkeypatch):
     scheduler = Scheduler(engine, max_queue=4, eos_id=tokenizer.stop_id, detokenize=tokenizer.decode)
     app = build_app(scheduler, tokenizer, "tiny")
 
-    def broken(sampling):
+    def broken(sampling, top_logprobs=False):
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(engine, "generate", broken)

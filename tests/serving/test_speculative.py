@@ -1,6 +1,7 @@
 """serving.speculative: greedy speculation gives exactly the served model's greedy tokens (a draft that
 agrees sometimes, the model itself as draft), rejection sampling keeps the served model's distribution,
 the counters, the prefix cache with a draft, and the configurations it refuses."""
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -63,10 +64,19 @@ def test_paged_speculation_is_the_served_models_greedy_output():
     args = dict(ENGINE_ARGS, kv_cache="paged", prefix_cache_blocks=None, kv_blocks=16)  # < 2 rows: preempts
     engine = SpeculativeEngine(TARGET, params_of(TARGET), draft_model=TARGET, draft_params=draft_params(),
                                num_draft_tokens=3, **args)
-    tokens, scheduler = serve_all(engine, greedy_requests())
-    assert tokens == plain_greedy()
+    requests = [(prompt, dataclasses.replace(params, logprobs=True, top_logprobs=2 * (i % 2)))
+                for i, (prompt, params) in enumerate(greedy_requests())]
+    scheduler = Scheduler(engine, max_queue=64, eos_id=None)
+    handles = [scheduler.submit(prompt, params) for prompt, params in requests]
+    while scheduler.step():
+        pass
+    events = [list(h.iter_events(timeout=0))[:-1] for h in handles]
+    assert [[e.token_id for e in mine] for mine in events] == plain_greedy()
     stats = scheduler.stats()
     assert stats.spec_accepted_tokens > 0 and stats.prefix_cache_hits > 0 and stats.preemptions > 0
+    for i, mine in enumerate(events):  # greedy: the likeliest alternative is the token itself
+        assert all((e.top_logprobs[0] == (e.token_id, pytest.approx(e.logprob))) if i % 2 else not e.top_logprobs
+                   for e in mine)
 
 
 @pytest.mark.parametrize("draft", ["noisy", "self", "small"])
