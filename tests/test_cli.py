@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import gin
+import jax
 import numpy as np
 import pytest
 
@@ -142,3 +143,18 @@ def test_help_lists_the_flags(command):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for flag in flags:
         assert flag in proc.stdout, (flag, proc.stdout)
+
+
+def test_compilation_cache_folder_is_chosen_by_the_environment(tmp_path, monkeypatch):
+    from lmops_jax.cli import compile_cache
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        monkeypatch.setenv(compile_cache.ENV, "off")
+        assert compile_cache.configure() is None and jax.config.jax_compilation_cache_dir == before
+        monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "cache"))
+        assert compile_cache.configure() == str(tmp_path / "cache") == jax.config.jax_compilation_cache_dir
+        monkeypatch.delenv(compile_cache.ENV)
+        assert compile_cache.configure() == os.path.join(os.environ["XDG_CACHE_HOME"], "lmops_jax",
+                                                         "jax_compilation_cache")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -21,9 +21,11 @@ def test_cli_trains_and_writes_metrics_and_config(tmp_path):
            "--gin.BATCH_SIZE=8", "--gin.TASK_FEATURE_LENGTHS={'targets': 32}", "--gin.LOG_PERIOD=4",
            "--gin.EVAL_PERIOD=4", "--gin.EVAL_STEPS=1", "--gin.WARMUP_STEPS=2",
            "--gin.MESH_SHAPE={'data': 2, 'fsdp': 2, 'model': 1}", "--gin.LOGICAL_AXIS_RULES='fsdp'"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               LMOPS_JAX_COMPILATION_CACHE=str(tmp_path / "jax_cache"))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert list((tmp_path / "jax_cache").iterdir())  # the executables that took long enough to compile
     records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [4, 6]  # every LOG_PERIOD and always the last step
     for key in ("loss", "learning_rate", "tokens_per_s", "mfu", "grad_norm", "accuracy", "eval/loss",

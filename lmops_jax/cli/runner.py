@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, NoReturn, Protocol, Sequence
 
 import jax
 
-from lmops_jax.cli import gin_flags
+from lmops_jax.cli import compile_cache, gin_flags
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -173,6 +173,7 @@ def _one_line(error: BaseException) -> str:
 def run(prog: str, description: str, jobs: Job | Mapping[str, Job], argv: Sequence[str] | None = None) -> int:
     """Parses argv (default sys.argv[1:]), runs the chosen job and returns the exit code (module docstring)."""
     configure_logging()
+    compile_cache.configure()
     parser = build_parser(prog, description, jobs)
     try:
         args, unparsed = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))

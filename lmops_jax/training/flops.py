@@ -25,6 +25,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from lmops_jax.cli import compile_cache
+
 logger = logging.getLogger(__name__)
 
 CACHE_FILE = "peak_flops.json"
@@ -65,10 +67,6 @@ class PeakFlops:
     source: str
 
 
-def default_cache_dir() -> str:
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lmops_jax")
-
-
 def probe_key(dtype: str) -> str:
     """What a probe result depends on: host, backend, device kind, local device count and dtype."""
     device = jax.local_devices()[0]
@@ -107,14 +105,14 @@ def _write_cache(path: str, data: dict) -> None:
 
 def job_peak_flops(peak_flops: float | None, dtype: str = "float32", cache_dir: str | None = None) -> PeakFlops:
     """The job's peak FLOP/s for MFU: `peak_flops` when given, else this host's cached probe, else a probe
-    measured now and cached (`cache_dir`, default `default_cache_dir()`). A cache that cannot be read or
+    measured now and cached (`cache_dir`, default `cli.compile_cache.default_cache_dir()`). A cache that cannot be read or
     written never fails the run."""
     if peak_flops is not None:
         if isinstance(peak_flops, bool) or not isinstance(peak_flops, (int, float)) or not peak_flops > 0:
             raise ValueError(f"peak_flops (gin macro PEAK_FLOPS) must be a positive FLOP/s number or None, "
                              f"got {peak_flops!r}")
         return PeakFlops(float(peak_flops), "given")
-    path = os.path.join(cache_dir or default_cache_dir(), CACHE_FILE)
+    path = os.path.join(cache_dir or compile_cache.default_cache_dir(), CACHE_FILE)
     key = probe_key(dtype)
     cache = _read_cache(path)
     cached = cache.get(key)
