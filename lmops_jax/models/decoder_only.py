@@ -51,8 +51,10 @@ class LlamaConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    remat_policy: str = "full"  # with remat: what the backward keeps (layers.REMAT_POLICIES)
 
     def __post_init__(self):
+        layers.check_remat_policy(self.remat_policy, "LlamaConfig")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"LlamaConfig: num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
@@ -119,7 +121,7 @@ class LlamaDecoder(nn.Module):
             segment_ids, segment_ids, query_length=length, key_length=length, causal=True,
             query_positions=positions if segment_ids is not None else None,
             key_positions=positions if segment_ids is not None else None)
-        layer_cls = nn.remat(DecoderLayer) if cfg.remat and not decode else DecoderLayer
+        layer_cls = layers.maybe_remat(DecoderLayer, cfg.remat and not decode, cfg.remat_policy)
         for i in range(cfg.num_layers):
             # decode is passed only when set: nn.remat (training) would trace a bool argument.
             x = layer_cls(cfg, name=f"layers_{i}")(x, mask, positions, *((True, block_table, pages) if decode else ()))

@@ -72,8 +72,10 @@ class T5Config:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    remat_policy: str = "full"  # with remat: what the backward keeps (layers.REMAT_POLICIES)
 
     def __post_init__(self):
+        layers.check_remat_policy(self.remat_policy, "T5Config")
         for name in ("vocab_size", "d_model", "num_encoder_layers", "num_decoder_layers", "num_heads", "head_dim",
                      "mlp_dim"):
             value = getattr(self, name)
@@ -181,7 +183,7 @@ class T5Encoder(nn.Module):
         cfg = self.config
         pos = _positions(positions, x.shape[1])
         bias = _relpos_bias(cfg, bidirectional=True)(pos, pos)
-        layer_cls = nn.remat(EncoderLayer) if cfg.remat else EncoderLayer
+        layer_cls = layers.maybe_remat(EncoderLayer, cfg.remat, cfg.remat_policy)
         for i in range(cfg.num_encoder_layers):
             x = layer_cls(cfg, name=f"layers_{i}")(x, mask, bias)
         return layers.constrain(_norm(cfg, "final_norm")(x), _ACT)
@@ -203,7 +205,7 @@ class T5Decoder(nn.Module):
             return self._decode(y, encoded, lengths, encoder_valid)
         pos = _positions(positions, y.shape[1])
         bias = _relpos_bias(cfg, bidirectional=False)(pos, pos)
-        layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
+        layer_cls = layers.maybe_remat(DecoderLayer, cfg.remat, cfg.remat_policy)
         for i in range(cfg.num_decoder_layers):
             y = layer_cls(cfg, name=f"layers_{i}")(y, encoded, self_mask, bias, cross_mask)
         return layers.constrain(_norm(cfg, "final_norm")(y), _ACT)

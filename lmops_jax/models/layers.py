@@ -25,6 +25,26 @@ Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 
+# Rematerialization policies (MaxText's names where it has them): what the backward pass keeps of a
+# layer's forward instead of recomputing it. 'full' keeps nothing (least memory, one more forward).
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # weight matmuls' outputs
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # every matmul's output, attention's too
+    "save_everything": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def check_remat_policy(policy: str, owner: str) -> None:
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"{owner}: remat_policy={policy!r} is not one of {', '.join(REMAT_POLICIES)}")
+
+
+def maybe_remat(layer_cls: type, remat: bool, policy: str) -> type:
+    """`layer_cls` wrapped in `nn.remat` with the named policy when `remat`, else as it is."""
+    return nn.remat(layer_cls, policy=REMAT_POLICIES[policy]) if remat else layer_cls
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Logical sharding constraint on an activation (a no-op outside a mesh + rules context)."""
     return partitioning.constrain_logical(x, tuple(logical_axes))

@@ -102,3 +102,24 @@ def test_flops_count_matches_hand_count():
     per_layer = 4 * 256 * 256 + 3 * 256 * 704
     expected = 6 * (4 * per_layer + 256 * 4096) + 6 * 4 * 256 * 256
     assert decoder_only.training_flops_per_token(cfg, 256) == expected
+
+
+@pytest.mark.parametrize("policy", sorted(layers.REMAT_POLICIES))
+def test_remat_policies_give_the_plain_loss_and_gradients(policy):
+    plain = tiny_llama(num_layers=2)
+    remat = tiny_llama(num_layers=2, remat=True, remat_policy=policy)
+    batch = {k: jnp.asarray(np.random.default_rng(0).integers(1, 128, (2, 16)), jnp.int32)
+             for k in ("decoder_input_tokens", "decoder_target_tokens")}
+    batch["decoder_loss_weights"] = jnp.ones((2, 16), jnp.float32)
+    params = nn.meta.unbox(plain.init_params(jax.random.key(0), plain.input_shapes(2, {"targets": 16})))
+
+    def loss_and_grads(m):
+        return jax.jit(jax.value_and_grad(lambda p: m.loss_fn(p, batch, None)[0]))(params)
+    (loss, grads), (remat_loss, remat_grads) = loss_and_grads(plain), loss_and_grads(remat)
+    np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), remat_grads, grads)
+
+
+def test_unknown_remat_policy_is_named():
+    with pytest.raises(ValueError, match="LlamaConfig: remat_policy='some' is not one of full, minimal"):
+        decoder_only.LlamaConfig(remat=True, remat_policy="some")
