@@ -11,6 +11,7 @@ F mlp width, V vocab.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -190,6 +191,17 @@ def make_attention_mask(
 
 
 KV_CACHE_AXES = ("batch", "act_kv_heads", None, None)  # logical axes of a [B, K, Dh, S] key/value cache
+ATTENTION_ENV = "LMOPS_JAX_ATTENTION"
+
+
+def fused_attention() -> bool:
+    """Whether training / prefill attention ([B, S, K, Dh] keys) goes through `jax.nn.dot_product_attention`,
+    which picks cuDNN's fused flash kernel on GPUs where it applies (XLA's fusion elsewhere). Default: on
+    GPU and TPU; on CPU the einsums below are faster. `LMOPS_JAX_ATTENTION=jax_nn` / `einsum` forces one."""
+    choice = os.environ.get(ATTENTION_ENV, "auto")
+    if choice not in ("auto", "jax_nn", "einsum"):
+        raise ValueError(f"{ATTENTION_ENV}={choice!r}: expected auto, jax_nn or einsum")
+    return choice == "jax_nn" or (choice == "auto" and jax.default_backend() in ("gpu", "tpu"))
 
 
 def dot_product_attention(
@@ -220,6 +232,8 @@ def dot_product_attention(
     groups = num_heads // num_kv
     if scale is None:
         scale = head_dim ** -0.5
+    if kv_layout == "bskd" and fused_attention():
+        return jax.nn.dot_product_attention(query, key, value, bias, mask, scale=scale)
     q = query.reshape(b, q_len, num_kv, groups, head_dim)
     if kv_layout == "bskd":
         scores = jnp.einsum("blkgd,bskd->bkgls", q, key, preferred_element_type=jnp.float32)

@@ -123,3 +123,21 @@ def test_remat_policies_give_the_plain_loss_and_gradients(policy):
 def test_unknown_remat_policy_is_named():
     with pytest.raises(ValueError, match="LlamaConfig: remat_policy='some' is not one of full, minimal"):
         decoder_only.LlamaConfig(remat=True, remat_policy="some")
+
+
+def test_jax_nn_attention_path_gives_the_einsum_logits_and_loss(monkeypatch):
+    m = tiny_llama(num_layers=2)
+    params = nn.meta.unbox(m.init_params(jax.random.key(0), m.input_shapes(2, {"targets": 16})))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(1, 128, (2, 16)), jnp.int32)
+    segments = jnp.asarray([[1] * 10 + [2] * 6, [1] * 16], jnp.int32)  # packed rows: mask and positions matter
+    positions = jnp.asarray([list(range(10)) + list(range(6)), list(range(16))], jnp.int32)
+
+    def logits():
+        return jax.jit(lambda p: m.module.apply({"params": p}, tokens, positions, segments))(params)
+    monkeypatch.setenv(layers.ATTENTION_ENV, "einsum")
+    reference = logits()
+    monkeypatch.setenv(layers.ATTENTION_ENV, "jax_nn")
+    np.testing.assert_allclose(logits(), reference, atol=2e-5)
+    monkeypatch.setenv(layers.ATTENTION_ENV, "flash")
+    with pytest.raises(ValueError, match="LMOPS_JAX_ATTENTION='flash': expected auto, jax_nn or einsum"):
+        logits()
