@@ -11,7 +11,8 @@ appears as a step; a finished step that fails to read (e.g. a truncated file) is
 `<step>.unreadable` (kept) and the previous step is used. Restores take target shardings, so a checkpoint saved on one mesh restores onto
 another without ever being gathered onto one device.
 
-`python -m lmops_jax.checkpoints inspect PATH` lists the steps and parameter shapes of a checkpoint.
+`python -m lmops_jax.checkpoints inspect PATH` lists the steps and parameter shapes of a checkpoint, its
+quantization scheme (none, or the rules of a quantized model) and its stored bytes per parameter.
 """
 from __future__ import annotations
 
@@ -205,8 +206,25 @@ def _open_step(path: str) -> tuple[ocp.CheckpointManager, str, int]:
 
 
 def _param_metadata(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """{param path: array metadata}; a quantized kernel is several arrays ('.../kernel/array/qvalue',
+    '.../kernel/array/scale'), and its absent zero point (None) is no array."""
     meta = manager.item_metadata(step)[STATE]
-    return flatten(getattr(meta, "tree", meta)["params"])
+    return {name: m for name, m in flatten(getattr(meta, "tree", meta)["params"]).items() if m is not None}
+
+
+def leaf_names(tree: Any) -> list[str]:
+    """'a/b/kernel' names of a pytree's leaves, in its flattening order, also through pytree nodes that
+    are no dicts (a quantized leaf's attributes: 'kernel/array/qvalue'), as Orbax names what it saves."""
+    def name(path) -> str:
+        return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    return [name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def array_bytes(shape: Sequence[int], dtype: Any) -> float:
+    """Stored bytes of an array: int4 / uint4 count half a byte per value."""
+    dtype = np.dtype(dtype)
+    bits = 4 if dtype.name in ("int4", "uint4") else 8 * dtype.itemsize
+    return int(np.prod(shape)) * bits / 8
 
 
 def checkpoint_param_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -264,7 +282,8 @@ def restore_params(
     Args:
       path: MODEL_DIR, its checkpoints folder or a step folder (INITIAL_CHECKPOINT_PATH).
       abstract_params: the model's parameter tree of ShapeDtypeStructs; restored arrays take these
-        dtypes (a float32 checkpoint loads into bfloat16 params by casting).
+        dtypes (a float32 checkpoint loads into bfloat16 params by casting). Any pytree: a quantized
+        kernel's arrays are found under their attribute paths ('.../kernel/array/qvalue').
       shardings: matching tree of NamedShardings; arrays are read directly into them.
       assignment_map: regex rules from checkpoint names to model names (see `map_names`).
       init_missing: returns freshly initialized params, used for model params the checkpoint lacks;
@@ -275,8 +294,9 @@ def restore_params(
     """
     manager, directory, step = _open_step(path)
     ckpt = _param_metadata(manager, step)
-    model = flatten(abstract_params)
-    model_shardings = flatten(shardings)
+    names, treedef = leaf_names(abstract_params), jax.tree.structure(abstract_params)
+    model = dict(zip(names, jax.tree.leaves(abstract_params)))
+    model_shardings = dict(zip(names, jax.tree.leaves(shardings)))
     to_ckpt = map_names(list(ckpt), assignment_map)
     mismatched, missing = [], []
     for name, target in model.items():
@@ -301,14 +321,15 @@ def restore_params(
     restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
         item=target_tree, restore_args=restore_args, partial_restore=True)}))
     loaded = flatten(restored[STATE]["params"])
-    fresh = flatten(init_missing()) if missing else {}
-    out = {}
+    initialized = init_missing() if missing else {}
+    fresh = dict(zip(leaf_names(initialized), jax.tree.leaves(initialized)))
+    out = []
     for name, target in model.items():
         value = fresh[name] if name in missing else loaded[to_ckpt[name]]
-        out[name] = value.astype(target.dtype) if value.dtype != target.dtype else value
+        out.append(value.astype(target.dtype) if value.dtype != target.dtype else value)
     if missing:
         logging.info("initialized from scratch (not in checkpoint): %s", ", ".join(missing))
-    return unflatten(out)
+    return jax.tree.unflatten(treedef, out)
 
 
 def save_params(model_dir: str, params: Any, config_str: str, step: int = 0, *,
@@ -336,6 +357,34 @@ def _step_problem(manager: ocp.CheckpointManager, step: int, verify: bool) -> st
     return None
 
 
+_QUANT_AUX = re.compile(r"/array/(scale|zero_point)$|/awq_scale$")  # a quantized kernel's scales, not params
+
+
+def _quantization_record(record: Any) -> Mapping[str, Any] | None:
+    """The "quantized" family record in a model spec record or the bases it wraps (models.quantized)."""
+    while isinstance(record, Mapping):
+        if record.get("family") == "quantized":
+            return record["model"]
+        record = (record.get("model") or {}).get("base")
+    return None
+
+
+def _compression_lines(path: str, shapes: Mapping[str, tuple[tuple[int, ...], str]]) -> list[str]:
+    """The quantization scheme the model spec names, and the stored bytes per parameter (scales included;
+    parameters: every array but a quantized kernel's scales and zero points)."""
+    quantized = _quantization_record(read_model_spec(path))
+    if quantized is None:
+        scheme = "quantization: none"
+    else:
+        rules = "; ".join(f"{r['scheme']}{'/' + str(r['tile_size']) if r.get('tile_size') else ''} "
+                          f"{r['module_path']}" for r in quantized["rules"])
+        scheme = f"quantization: method {quantized.get('method', 'ptq')}, rules (first match wins): {rules}"
+    stored = sum(array_bytes(shape, dtype) for shape, dtype in shapes.values())
+    params = sum(int(np.prod(shape)) for name, (shape, _) in shapes.items() if not _QUANT_AUX.search(name))
+    return [scheme, f"weight bytes: {stored:,.0f} ({stored / max(params, 1):.3f} bytes/param over {params:,} "
+                    "parameters)"]
+
+
 def inspect(path: str, verify: bool = False) -> str:
     """Human-readable listing of a checkpoint's steps and parameter shapes.
 
@@ -361,6 +410,7 @@ def inspect(path: str, verify: bool = False) -> str:
     shown = requested if requested is not None else (readable or steps)[-1]
     shapes = checkpoint_param_shapes(os.path.join(directory, str(shown)))
     total = sum(int(np.prod(s)) for s, _ in shapes.values())
+    lines += _compression_lines(os.path.join(directory, str(shown)), shapes)
     lines.append(f"parameters of step {shown} ({len(shapes)} arrays, {total:,} values):")
     lines += [f"  {name:60s} {str(shape):20s} {dtype}" for name, (shape, dtype) in sorted(shapes.items())]
     return "\n".join(lines)

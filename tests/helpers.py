@@ -35,3 +35,15 @@ def lm_batch(batch_size: int, length: int, vocab: int = 128, seed: int = 0, ragg
             weights[i, n:] = 0
     return {"decoder_input_tokens": tokens[:, :-1], "decoder_target_tokens": tokens[:, 1:] * weights,
             "decoder_loss_weights": weights}
+
+
+def serve_greedy(checkpoint: str, prompt: list[int], max_tokens: int) -> list[int]:
+    """The greedy tokens the server built from `checkpoint` (`serving.serve.build_server`) generates."""
+    from lmops_jax.serving import serve as serve_lib
+    server = serve_lib.build_server(checkpoint, max_slots=2, max_queue=4, max_length=32, prefix_cache=False,
+                                    prefill_chunk=None, request_timeout_s=None, dtype=None, mesh_shape=None,
+                                    logical_axis_rules="tp", model_name=None)
+    handle = server.scheduler.submit(prompt, serve_lib.SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    while server.scheduler.step():
+        pass
+    return list(handle.result(timeout=0)[0])

@@ -25,6 +25,7 @@ from lmops_jax import checkpoints
 from lmops_jax.checkpoints import CheckpointError
 from lmops_jax.models.model import BaseModel
 from lmops_jax.models.spec import ModelSpec, VocabularySpec
+from lmops_jax.models.wrapper import WrapperModel
 from lmops_jax.partitioning import Partitioner
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -128,11 +129,14 @@ def model_from_checkpoint(path: str) -> BaseModel:
 
 
 def with_dtype(model: BaseModel, dtype: str | None) -> BaseModel:
-    """`model` (a wrapper with a `config` field) computing and holding params in `dtype` (None: unchanged)."""
+    """`model` (a wrapper with a `config` field, or one wrapping such a model) computing and holding params
+    in `dtype` (None: unchanged)."""
     if dtype is None:
         return model
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be None or one of {DTYPES}, got {dtype!r}")
+    if isinstance(model, WrapperModel):  # LoRA, quantized: the float parts (and scales) take the dtype
+        return dataclasses.replace(model, base=with_dtype(model.base, dtype))
     config = dataclasses.replace(model.config, dtype=dtype, param_dtype=dtype)
     return dataclasses.replace(model, config=config)
 

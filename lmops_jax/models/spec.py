@@ -7,7 +7,8 @@
 
 A family names a model wrapper class (a frozen dataclass `BaseModel`); its fields are written as JSON:
 numbers, strings and None as they are, dataclass fields (configs) as objects of their fields, and
-model fields (LoRA's `base`) as nested records {"family", "module", "model"}. Reading follows the
+model fields (LoRA's `base`) as nested records {"family", "module", "model"}, tuples as lists
+(a quantized model's rules: `models.quantized`). Reading follows the
 class's type hints back, so a field added later with a default reads old specs unchanged, and a field
 the class does not know is refused by name. Families outside `models/` register themselves when their
 module is imported (`peft.lora` registers "lora"); `module` only names that module in the error a
@@ -32,6 +33,7 @@ from typing import Any, Mapping
 
 from lmops_jax.checkpoints import CheckpointError
 from lmops_jax.models.model import DECODER_START_ID, BaseModel, DecoderOnlyModel, EncoderDecoderModel
+from lmops_jax.models.quantized import QuantizedModel
 
 FORMAT_VERSION = 2
 _FAMILIES: dict[str, type] = {}
@@ -49,6 +51,7 @@ def register_family(name: str, cls: type) -> None:
 
 register_family("decoder_only", DecoderOnlyModel)
 register_family("encoder_decoder", EncoderDecoderModel)
+register_family("quantized", QuantizedModel)
 
 
 def family_of(model: BaseModel) -> str | None:
@@ -67,6 +70,8 @@ def _encode(value: Any, where: str) -> Any:
         return model_record(value, where)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _encode_fields(value, where)
+    if isinstance(value, (tuple, list)):
+        return [_encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
     raise TypeError(f"model spec field {where} holds a {type(value).__name__}, which a JSON spec cannot store")
 
 
@@ -95,11 +100,18 @@ def _decode(cls: type, data: Any, where: str) -> Any:
             value = model_from_record(value, here)
         elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
             value = _decode(hint, value, here)
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):
+            value = tuple(_decode_item(typing.get_args(hint)[0], v, f"{here}[{i}]") for i, v in enumerate(value))
         kwargs[name] = value
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: cannot build {cls.__name__}: {e}") from e
+
+
+def _decode_item(hint: Any, value: Any, where: str) -> Any:
+    """One item of a tuple field: a dataclass record decoded, anything else as it is."""
+    return _decode(hint, value, where) if isinstance(hint, type) and dataclasses.is_dataclass(hint) else value
 
 
 def model_from_record(record: Any, where: str = "model") -> BaseModel:

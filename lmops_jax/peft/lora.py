@@ -34,7 +34,8 @@ import jax.numpy as jnp
 
 from lmops_jax.cli import runner
 from lmops_jax.models import spec
-from lmops_jax.models.model import BaseModel
+from lmops_jax.models.quantized import QuantizedModel, QuantRule, dequantize, is_quantized_leaf
+from lmops_jax.models.wrapper import WrapperModel, device_params
 from lmops_jax.training.train_state import overlay_params
 
 if __name__ == "__main__":  # before anything is defined or registered twice (see cli.runner.run_as_main)
@@ -76,17 +77,23 @@ def _input_rank(kernel_shape: Sequence[int], in_size: int) -> int | None:
     return next((i for i in range(len(kernel_shape) + 1) if math.prod(kernel_shape[:i]) == in_size), None)
 
 
-def merge_lora(params: Mapping[str, Any], rank: int, alpha: float) -> dict:
+def merge_lora(params: Mapping[str, Any], rank: int, alpha: float, *,
+               requantize: QuantizedModel | None = None) -> dict:
     """Base-model params with every adapter pair folded into its kernel: W + (A @ B) * alpha / rank.
 
     Args:
       params: a LoraModel param tree (unboxed arrays).
       rank, alpha: the LoraModel's; the scale is alpha / rank as in qwix.
+      requantize: the quantized base model (QLoRA), to fold the adapters into its int weights: they
+        are dequantized, merged and quantized again by its rules. Without it an adapted int kernel is
+        refused: float adapters do not fold into int weights.
 
     Returns:
       The base model's param tree (same structure as `base_params(params)`, kernels updated).
     """
     scale = alpha / rank
+    if requantize is not None:
+        return requantize.quantize(merge_lora(dequantize(params), rank, alpha))
 
     def merge(tree: Mapping[str, Any], path: str) -> dict:
         out = {}
@@ -98,6 +105,10 @@ def merge_lora(params: Mapping[str, Any], rank: int, alpha: float) -> dict:
                 if a is None and b is None:
                     out[key] = value
                     continue
+                if is_quantized_leaf(value):
+                    raise ValueError(f"{path}{key} holds quantized (int) weights: float LoRA adapters do not fold "
+                                     "into them; ask to re-quantize (merge --requantize: dequantize, merge, "
+                                     "quantize again by the base's rules) or keep the adapters unmerged")
                 if a is None or b is None or key != "kernel" or a.ndim != 2 or b.ndim != 2:
                     raise NotImplementedError(
                         f"cannot merge the adapters of {path}{key}: only DenseGeneral kernels (2-D A and B "
@@ -114,26 +125,27 @@ def merge_lora(params: Mapping[str, Any], rank: int, alpha: float) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraModel(BaseModel):
+class LoraModel(WrapperModel):
     """`base` with LoRA adapters on the modules whose path fully matches `targets` (a regex).
 
+    QLoRA: a `QuantizedModel` base (a quantized checkpoint, `qlora.gin`) keeps its int weights frozen
+    and the adapters train in float; one qwix LoraProvider runs both (`_qlora_rules`).
+
     Attributes:
-      base: the model to adapt (any BaseModel over a linen module: Llama, T5).
+      base: the model to adapt (any BaseModel over a linen module: Llama, T5, a quantized model).
       rank: adapter rank r (LORA_RANK).
       alpha: scale numerator; the update is (x @ A) @ B * alpha / rank (LORA_ALPHA).
       targets: regex over module paths such as 'layers_0/self_attn/q_proj' (LORA_TARGETS).
       dropout: dropout on the adapters' input during training.
     """
 
-    base: BaseModel
     rank: int = 8
     alpha: float = 16.0
     targets: str = DEFAULT_TARGETS
     dropout: float = 0.0
 
     def __post_init__(self):
-        if not isinstance(self.base, BaseModel):
-            raise TypeError(f"LoraModel.base must be a model (BaseModel), got {self.base!r}")
+        super().__post_init__()
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"LORA_RANK must be an int >= 1, got {self.rank!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -142,41 +154,18 @@ class LoraModel(BaseModel):
             re.compile(self.targets)
         except (re.error, TypeError) as e:
             raise ValueError(f"LORA_TARGETS {self.targets!r} is not a regex: {e}") from e
-
-    # Delegation to the base model.
-    @property
-    def z_loss(self) -> float:  # type: ignore[override]
-        return self.base.z_loss
-
-    @property
-    def label_smoothing(self) -> float:  # type: ignore[override]
-        return self.base.label_smoothing
-
-    @property
-    def config(self) -> Any:
-        return getattr(self.base, "config", None)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.base.vocab_size
-
-    @property
-    def feature_converter_cls(self) -> type:
-        return self.base.feature_converter_cls
-
-    def input_shapes(self, batch_size, task_feature_lengths):
-        return self.base.input_shapes(batch_size, task_feature_lengths)
-
-    def training_flops_per_token(self, task_feature_lengths):
-        """The base model's count (the adapters add 2 r (in + out) per adapted kernel, not counted)."""
-        return self.base.training_flops_per_token(task_feature_lengths)
+        if isinstance(self.base, QuantizedModel) and self.base.method == "awq":
+            raise ValueError("QLoRA needs a 'ptq' or 'gptq' quantized base: AWQ's per-channel scales run "
+                             "through qwix's AwqInferenceProvider, which its LoRA provider does not extend")
 
     # The adapted module.
     def _lora_module(self, dropout: float) -> nn.Module:
         import qwix
-        provider = qwix.LoraProvider(module_path=self.targets, rank=self.rank, alpha=float(self.alpha),
-                                     dropout=dropout)
-        return qwix.apply_lora_to_model(self.base.module, provider)
+        lora = dict(rank=self.rank, alpha=float(self.alpha), dropout=dropout)
+        if isinstance(self.base, QuantizedModel):
+            return qwix.apply_lora_to_model(self.base.base.module,
+                                            qwix.LoraProvider(_qlora_rules(self.targets, self.base.rules, lora)))
+        return qwix.apply_lora_to_model(self.base.module, qwix.LoraProvider(module_path=self.targets, **lora))
 
     @functools.cached_property
     def module(self) -> nn.Module:
@@ -212,52 +201,11 @@ class LoraModel(BaseModel):
         return (tokens("decoder_input_tokens"),)
 
     def compute_logits(self, params, batch, rng=None):
-        """The base model's `compute_logits` run through the adapted module (adapter dropout only with `rng`).
-
-        The base wrapper knows its batch format and applies `self.module`; it is called on a view of
-        itself whose `module` is the adapted one, so any BaseModel built that way can be adapted.
-        """
-        # qwix recognizes weights by type (jax.Array); host (numpy) params would silently skip the adapters.
-        params = jax.tree.map(jnp.asarray, params)
+        """The base model's `compute_logits` run through the adapted module (adapter dropout only with `rng`)."""
         if rng is not None and self.dropout > 0:
-            view = _ModuleSwap(self.base, self._train_module, rngs={"dropout": rng})
-        else:
-            view = _ModuleSwap(self.base, self.module)
-        return type(self.base).compute_logits(view, params, batch)
-
-    # Decode API and request formats: the base model's, its network run through the adapted module.
-    @property
-    def max_length(self) -> int | None:
-        return self.base.max_length
-
-    @property
-    def prompt_shares_cache(self) -> bool:
-        return self.base.prompt_shares_cache
-
-    def init_cache(self, batch, max_length, prompt_length=None):
-        """The base model's cache: adapters change weights, not what is cached."""
-        return self.base.init_cache(batch, max_length, prompt_length)
-
-    def prefill(self, params, tokens, lengths, cache):
-        return type(self.base).prefill(_ModuleSwap(self.base, self.module), jax.tree.map(jnp.asarray, params),
-                                       tokens, lengths, cache)
-
-    def decode_step(self, params, tokens, cache):
-        return type(self.base).decode_step(_ModuleSwap(self.base, self.module), jax.tree.map(jnp.asarray, params),
-                                           tokens, cache)
-
-    def decode_tokens(self, params, tokens, cache):
-        return type(self.base).decode_tokens(_ModuleSwap(self.base, self.module), jax.tree.map(jnp.asarray, params),
-                                             tokens, cache)
-
-    def prompt_tokens(self, prompt, *, bos_id=None, eos_id=None):
-        return self.base.prompt_tokens(prompt, bos_id=bos_id, eos_id=eos_id)
-
-    def score_features(self, inputs, targets, *, bos_id=None, eos_id=None):
-        return self.base.score_features(inputs, targets, bos_id=bos_id, eos_id=eos_id)
-
-    def logits_features(self, tokens, decoder_tokens=None):
-        return self.base.logits_features(tokens, decoder_tokens)
+            view = self.view(rngs={"dropout": rng}, module=self._train_module)
+            return type(self.base).compute_logits(view, device_params(params), batch)
+        return super().compute_logits(params, batch)
 
     # Hooks the Trainer and train() use.
     @property
@@ -268,37 +216,27 @@ class LoraModel(BaseModel):
         """Adapter-only checkpoints: the base comes back from INITIAL_CHECKPOINT_PATH."""
         return adapter_params(params)
 
-    def merge(self, params: Mapping[str, Any]) -> dict:
-        """Params of `self.base` with the adapters folded in (for inference without LoRA)."""
-        return merge_lora(params, self.rank, self.alpha)
+    def merge(self, params: Mapping[str, Any], requantize: bool = False) -> dict:
+        """Params of `self.base` with the adapters folded in (for inference without LoRA).
+
+        A quantized base refuses unless `requantize`: its weights are dequantized, merged in float and
+        quantized again by its rules (plain rounding, whatever its method was).
+        """
+        return merge_lora(params, self.rank, self.alpha,
+                          requantize=self.base if requantize and isinstance(self.base, QuantizedModel) else None)
 
 
 spec.register_family("lora", LoraModel)  # so checkpoints of LoRA runs name their model (models.spec)
 
 
-class _ModuleSwap:
-    """A base model seen with another `module` (whose `apply` also gets `rngs`, when given)."""
-
-    def __init__(self, base: BaseModel, module: nn.Module, rngs: Mapping[str, jax.Array] | None = None):
-        self._base, self._module, self._rngs = base, module, rngs
-
-    def __getattr__(self, name):
-        return getattr(self._base, name)
-
-    @property
-    def module(self) -> Any:
-        if self._rngs is None:
-            return self._module
-        return _ApplyWithRngs(self._module, self._rngs)
-
-
-@dataclasses.dataclass(frozen=True)
-class _ApplyWithRngs:
-    module: nn.Module
-    rngs: Mapping[str, jax.Array]
-
-    def apply(self, variables, *args, **kwargs):
-        return self.module.apply(variables, *args, rngs=self.rngs, **kwargs)
+def _qlora_rules(targets: str, rules: Sequence[QuantRule], lora: Mapping[str, Any]) -> list:
+    """One qwix LoraProvider's rules for LoRA over quantized modules, first match wins: adapted modules
+    take their first quantization rule's scheme (the regexes intersected with a lookahead), then adapted
+    float modules, then the quantized modules without adapters."""
+    import qwix
+    both = [dataclasses.replace(r, module_path=f"(?=(?:{targets})$)(?:{r.module_path})").qwix_rule(
+        qwix.LoraRule, **lora) for r in rules]
+    return [*both, qwix.LoraRule(module_path=targets, **lora), *(r.qwix_rule() for r in rules)]
 
 
 def _box_adapters(lora: Mapping[str, Any], base: Mapping[str, Any]) -> dict:
@@ -309,6 +247,8 @@ def _box_adapters(lora: Mapping[str, Any], base: Mapping[str, Any]) -> dict:
             out[key] = _box_adapters(value, base.get(key, {}))
             continue
         kernel = base.get(key[:-len(LORA_A)])
+        if is_quantized_leaf(kernel):  # QLoRA: the int values carry the kernel's logical axes
+            kernel = kernel.array.qvalue
         names = getattr(kernel, "names", None)
         if names is None or value.ndim != 2:
             out[key] = value
@@ -340,13 +280,15 @@ def _initial_checkpoint(run_checkpoint: str) -> str | None:
     return initial if isinstance(initial, str) else None
 
 
-def export_merged(adapter_checkpoint: str, output_dir: str, base_checkpoint: str | None = None) -> str:
+def export_merged(adapter_checkpoint: str, output_dir: str, base_checkpoint: str | None = None,
+                  requantize: bool = False) -> str:
     """Writes base + merged adapters of a LoRA run as a params-only checkpoint of the base model.
 
     The LoraModel comes from the run's model spec (older runs: its gin config), the base params from
     `base_checkpoint` (default: the run's INITIAL_CHECKPOINT_PATH). The output stores the base model's
     spec with the run's vocabulary and the base checkpoint's gin text, so
-    `InferenceModule.from_checkpoint(output_dir)` loads it.
+    `InferenceModule.from_checkpoint(output_dir)` loads it. A quantized base (QLoRA) needs `requantize`
+    (see `LoraModel.merge`); the output is then a quantized checkpoint.
     """
     from lmops_jax import checkpoints
     from lmops_jax.models import loading
@@ -364,7 +306,7 @@ def export_merged(adapter_checkpoint: str, output_dir: str, base_checkpoint: str
     abstract, shardings = loading.param_shardings(model, Partitioner())
     base = checkpoints.restore_params(base_checkpoint, base_params(abstract), base_params(shardings))
     adapters = checkpoints.restore_params(adapter_checkpoint, adapter_params(abstract), adapter_params(shardings))
-    merged = jax.device_get(model.merge(overlay_params(base, adapters)))
+    merged = jax.device_get(model.merge(overlay_params(base, adapters), requantize=requantize))
     merged_spec = spec.ModelSpec(model.base, run.vocabulary).to_json()
     return checkpoints.save_params(output_dir, merged, checkpoints.read_config(base_checkpoint),
                                    model_spec=merged_spec)
@@ -375,10 +317,12 @@ def _merge_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="where the merged params-only checkpoint goes")
     parser.add_argument("base_checkpoint", nargs="?", default=None,
                         help="the base model (default: the run's INITIAL_CHECKPOINT_PATH)")
+    parser.add_argument("--requantize", action="store_true",
+                        help="QLoRA: dequantize the quantized base, merge, and quantize again by its rules")
 
 
 def _merge(args: argparse.Namespace) -> None:
-    print(f"merged params written to {export_merged(args.adapter_run, args.out_dir, args.base_checkpoint)}")
+    print(f"merged params written to {export_merged(args.adapter_run, args.out_dir, args.base_checkpoint, args.requantize)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

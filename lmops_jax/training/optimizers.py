@@ -87,6 +87,9 @@ class OptimizerConfig:
       trainable: when non-empty, only parameters whose path matches one of these regexes are trained;
         all others are frozen as by `frozen` (e.g. ['_lora_[ab]$'] for LoRA adapters). Both lists
         apply: a parameter matching `trainable` and `frozen` is frozen.
+      sparse_params: regexes of parameter paths whose zero weights are pruned ones (the masks of
+        `python -m lmops_jax.compress prune`): their updates are zeroed, so they stay zero
+        (`keep_zeros`).
     """
 
     name: str = "adamw"
@@ -104,13 +107,14 @@ class OptimizerConfig:
     clip_grad_norm: float | None = 1.0
     frozen: Sequence[str] = ()
     trainable: Sequence[str] = ()
+    sparse_params: Sequence[str] = ()
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.name!r}; choose one of {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown learning-rate schedule {self.schedule!r}; choose one of {SCHEDULES}")
-        for field in ("frozen", "trainable", "weight_decay_exclude"):
+        for field in ("frozen", "trainable", "weight_decay_exclude", "sparse_params"):
             patterns = getattr(self, field)
             if isinstance(patterns, str):
                 raise TypeError(f"OptimizerConfig.{field} must be a list of regexes, got the string {patterns!r}")
@@ -162,4 +166,20 @@ class OptimizerConfig:
             labels = lambda params: jax.tree.map(  # noqa: E731
                 lambda f: "frozen" if f else "trained", self.frozen_mask(params))
             tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
-        return tx
+        return optax.chain(tx, keep_zeros(self.sparse_params)) if self.sparse_params else tx
+
+
+def keep_zeros(patterns: Sequence[str]) -> optax.GradientTransformation:
+    """Zeros the update of every weight that is exactly zero in the parameters matching `patterns`.
+
+    The last transformation of the chain, so a pruned weight (zero) never moves: the mask is the zeros
+    of the current params, which by induction are the pruned checkpoint's, and needs no state to save.
+    """
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("keep_zeros (OptimizerConfig.sparse_params) needs the params in tx.update")
+        matched = path_mask(params, patterns)
+        updates = jax.tree.map(lambda u, p, m: jnp.where(p == 0, jnp.zeros_like(u), u) if m else u,
+                               updates, params, matched)
+        return updates, state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

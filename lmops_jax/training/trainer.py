@@ -43,6 +43,19 @@ def summarize(sums: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
+def _zero_grad(x: jax.Array) -> jax.Array:
+    """A frozen leaf's gradient: zeros, in float32 for integer weights (a QLoRA base's int8 / int4 values,
+    which have no gradient dtype and which norms cannot reduce)."""
+    return jnp.zeros(x.shape, x.dtype if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.float32)
+
+
+def _apply_update(param: jax.Array, update: jax.Array) -> jax.Array:
+    """`optax.apply_updates` for one leaf; integer weights (frozen: a QLoRA base) stay as they are."""
+    if not jnp.issubdtype(param.dtype, jnp.inexact):
+        return param
+    return optax.apply_updates(param, update)
+
+
 def _tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
@@ -157,7 +170,7 @@ class Trainer:
 
             g, metrics = jax.grad(loss, has_aux=True)([x for x, m in zip(leaves, mask) if m])
             it = iter(g)
-            return jax.tree.unflatten(treedef, [next(it) if m else jnp.zeros_like(x)
+            return jax.tree.unflatten(treedef, [next(it) if m else _zero_grad(x)
                                                 for x, m in zip(leaves, mask)]), metrics
 
         normalizer = jnp.maximum(jnp.sum(batch[WEIGHTS_KEY].astype(jnp.float32)), 1.0)
@@ -182,7 +195,7 @@ class Trainer:
     def _train_step(self, state: TrainState, batch: Batch, inputs: Any) -> tuple[TrainState, Metrics]:
         grads, metrics = self._grads(state.params, batch, self.step_rng(state.step), inputs, state.step)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = jax.tree.map(_apply_update, state.params, updates)
         metrics = dict(metrics)
         metrics["grad_norm"] = optax.global_norm(grads)
         metrics["learning_rate"] = jnp.asarray(self.learning_rate_fn(state.step), jnp.float32)

@@ -1,0 +1,1 @@
+"""Model compression: quantization (quantize.py) and pruning (prune.py)."""
