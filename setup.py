@@ -23,6 +23,7 @@ VIEWER = ["tensorboard>=2.20,<3"]  # `tensorboard --logdir MODEL_DIR` (the run w
 T5 = ["t5==0.9.4"]
 SERVE = ["fastapi>=0.165,<1", "uvicorn>=0.54,<1", "prometheus_client>=0.26,<1",
          "jinja2>=3.1,<4"]  # `python -m lmops_jax.serve`; jinja2 renders a model's own chat template
+RAY = ["ray[serve]==2.60.0"]  # `python -m lmops_jax.serving.ray_app`: replicas and autoscaling on Ray Serve
 DEV = ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5,<6", "safetensors>=0.4",
        "httpx>=0.28,<1", "openai>=3.57,<4"]  # httpx: in-process server tests; openai: the client test
 
@@ -41,7 +42,8 @@ setuptools.setup(
         "t5": T5,  # install after [all]: it swaps seqio/tfds for the nightlies it pins
         "tensorboard": VIEWER,
         "serve": SERVE,
+        "ray": SERVE + RAY,
         "dev": DEV,
-        "all": DATA + PEFT + VIEWER + SERVE,
+        "all": DATA + PEFT + VIEWER + SERVE + RAY,  # `pip check` stays clean with ray (docs/serving.md)
     },
 )

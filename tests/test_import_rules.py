@@ -23,12 +23,15 @@ ALLOWED = {
     "convert": {"models", "partitioning", "checkpoints", "cli"},
     "distillation": {"models", "data", "inference", "training", "losses", "partitioning", "checkpoints", "cli"},
     "serving": {"models", "inference", "losses", "partitioning", "checkpoints", "cli"},
+    "compression": {"models", "data", "inference", "training", "distillation", "losses", "partitioning",
+                    "checkpoints", "cli"},
     "gin_configs": set(),
     # the `python -m lmops_jax.<job>` entry points
     "train": {"training", "cli"},
     # The job may register the built-in seqio tasks that `inference/` itself must not import.
     "infer": {"inference", "data", "cli"},
     "serve": {"serving", "cli"},
+    "compress": {"compression", "data", "cli"},
 }
 NEVER_FROM_INFERENCE = {"training", "distillation", "data", "peft"}
 

@@ -22,6 +22,8 @@ import os
 import signal
 from typing import Any, Iterator, Mapping, Sequence
 
+import jax
+
 from lmops_jax import checkpoints
 from lmops_jax.cli import gin_flags
 from lmops_jax.cli import runner
@@ -30,6 +32,7 @@ from lmops_jax.partitioning import Partitioner
 from lmops_jax.serving import chat_template as chat_template_lib
 from lmops_jax.serving import speculative
 from lmops_jax.serving.engine import Engine
+from lmops_jax.serving.router import ROUTINGS, ReplicaCollector, ReplicaRouter, device_groups
 from lmops_jax.serving.scheduler import SamplingParams, Scheduler
 from lmops_jax.serving.server import build_app
 from lmops_jax.serving.tokenizer import Tokenizer
@@ -40,21 +43,28 @@ WARMUP_TIMEOUT_S = 600.0
 
 @dataclasses.dataclass(frozen=True)
 class Server:
-    """What `serve` runs: the scheduler (its thread runs the engine), the prompt tokenizer, the FastAPI
-    app over them, and the model name clients use."""
-    scheduler: Scheduler
+    """What `serve` runs: the scheduler (its thread runs the engine; with NUM_REPLICAS > 1 the router over
+    the replicas' schedulers), the prompt tokenizer, the FastAPI app over them, the model name clients
+    use, and every replica's scheduler (the warm-up reaches each)."""
+    scheduler: Scheduler | ReplicaRouter
     tokenizer: Tokenizer
     app: Any
     name: str
+    replicas: tuple[Scheduler, ...]
 
 
-def _check(checkpoint_path: Any, port: Any, max_slots: Any, max_queue: Any) -> None:
+def check_arguments(checkpoint_path: Any, *, port: Any = 0, max_slots: Any = 1, max_queue: Any = 1,
+                    num_replicas: Any = 1, routing: Any = "least_outstanding") -> None:
+    """Fails early, naming the macro, on the arguments a typo or a missing binding gets wrong most."""
     if checkpoint_path is None or gin_flags.is_required_sentinel(checkpoint_path):
         raise gin_flags.GinConfigError("serve(): required argument checkpoint_path not set (CHECKPOINT_PATH in "
                                        "serve.gin)")
-    for name, value, low in (("PORT", port, 0), ("MAX_SLOTS", max_slots, 1), ("MAX_QUEUE", max_queue, 1)):
+    for name, value, low in (("PORT", port, 0), ("MAX_SLOTS", max_slots, 1), ("MAX_QUEUE", max_queue, 1),
+                             ("NUM_REPLICAS", num_replicas, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if routing not in ROUTINGS:
+        raise ValueError(f"ROUTING must be one of {ROUTINGS}, got {routing!r}")
 
 
 def _chat_template(spec_vocabulary: Any) -> chat_template_lib.ChatTemplate:
@@ -110,6 +120,8 @@ def serve(
     logical_axis_rules: Any = "tp",
     model_name: str | None = None,
     drain_timeout_s: float | None = 30.0,
+    num_replicas: int = 1,
+    routing: str = "least_outstanding",
 ) -> None:
     """Serves the checkpoint's model over HTTP until SIGTERM / SIGINT (module docstring).
 
@@ -139,17 +151,21 @@ def serve(
       model_name: the name clients pass as `model` (MODEL_NAME); None: the model directory's name.
       drain_timeout_s: on SIGTERM, how long requests in flight may take to finish (DRAIN_TIMEOUT_S; None:
         no limit).
+      num_replicas: engines on disjoint groups of this process's devices, each of the mesh_shape's size
+        (one device without a mesh), behind a router (NUM_REPLICAS; `serving.router`).
+      routing: how the router picks a replica: 'least_outstanding' or 'prefix_affinity' (ROUTING).
     """
-    _check(checkpoint_path, port, max_slots, max_queue)
+    check_arguments(checkpoint_path, port=port, max_slots=max_slots, max_queue=max_queue, num_replicas=num_replicas,
+                    routing=routing)
     server = build_server(
         checkpoint_path, max_slots=max_slots, max_queue=max_queue, max_length=max_length, prefix_cache=prefix_cache,
         kv_cache=kv_cache, kv_cache_bytes=kv_cache_bytes, block_size=block_size,
         prefill_chunk=prefill_chunk, request_timeout_s=request_timeout_s, dtype=dtype, mesh_shape=mesh_shape,
         logical_axis_rules=logical_axis_rules, model_name=model_name, draft_checkpoint=draft_checkpoint,
-        num_draft_tokens=num_draft_tokens)
+        num_draft_tokens=num_draft_tokens, num_replicas=num_replicas, routing=routing)
     server.scheduler.start()
     try:
-        _warm_up(server)
+        warm_up(server)
         _run_until_signal(server, host, port, drain_timeout_s)
     finally:
         server.scheduler.stop(drain=True)
@@ -160,43 +176,69 @@ def build_server(checkpoint_path: str, *, max_slots: int, max_queue: int, max_le
                  kv_cache: str = "dense", kv_cache_bytes: int | None = None, block_size: int = 16,
                  prefill_chunk: int | None, request_timeout_s: float | None, dtype: str | None,
                  mesh_shape: Mapping[str, int] | None, logical_axis_rules: Any,
-                 model_name: str | None, draft_checkpoint: str | None = None, num_draft_tokens: int = 4) -> Server:
-    """The server of a checkpoint, its scheduler not started yet (args as for `serve`)."""
+                 model_name: str | None, draft_checkpoint: str | None = None, num_draft_tokens: int = 4,
+                 num_replicas: int = 1, routing: str = "least_outstanding") -> Server:
+    """The server of a checkpoint, its schedulers not started yet (args as for `serve`)."""
     spec = loading.read_spec(checkpoint_path)
     model = loading.with_dtype(spec.model, dtype)
-    partitioner = (loading.default_partitioner() if mesh_shape is None
-                   else Partitioner(mesh_shape, logical_axis_rules))
-    params = loading.restore_params(checkpoint_path, model, partitioner)
     max_length = max_length or model.max_length or DEFAULT_MAX_LENGTH
     if prefix_cache and not model.prompt_shares_cache:
         logging.info("PREFIX_CACHE: %s encodes its whole prompt at once, so it is served without a prefix cache",
                      type(model).__name__)
     engine_args = dict(max_slots=max_slots, max_length=max_length, kv_cache=kv_cache, kv_cache_bytes=kv_cache_bytes,
                        block_size=block_size, prefix_cache=prefix_cache and model.prompt_shares_cache)
-    if draft_checkpoint is None:
-        engine = Engine(model, params, partitioner, **engine_args)
-    else:
+    partitioners = _partitioners(mesh_shape, logical_axis_rules, num_replicas)
+    # read once, onto the first replica's devices; each Engine places a copy on its own (`place_params`)
+    params = loading.restore_params(checkpoint_path, model, partitioners[0])
+    engine_cls, draft_args = Engine, {}
+    if draft_checkpoint is not None:
         draft_model = loading.with_dtype(loading.read_spec(draft_checkpoint).model, dtype)
         speculative.check_draft(model, draft_model)  # before restoring the draft's params
-        engine = speculative.SpeculativeEngine(
-            model, params, partitioner, draft_model=draft_model, num_draft_tokens=num_draft_tokens,
-            draft_params=loading.restore_params(draft_checkpoint, draft_model, partitioner), **engine_args)
+        engine_cls = speculative.SpeculativeEngine
+        draft_args = dict(draft_model=draft_model, num_draft_tokens=num_draft_tokens,
+                          draft_params=loading.restore_params(draft_checkpoint, draft_model, partitioners[0]))
     tokenizer = Tokenizer.from_spec(spec, model)
-    model_dir = os.path.dirname(checkpoints.resolve(checkpoint_path)[0])
-    scheduler = Scheduler(engine, max_queue=max_queue, eos_id=tokenizer.stop_id, detokenize=tokenizer.decode,
-                          prefill_chunk=prefill_chunk, request_timeout_s=request_timeout_s, model_id=model_dir)
-    name = model_name or os.path.basename(model_dir)
-    app = build_app(scheduler, tokenizer, name, chat_template=_chat_template(spec.vocabulary))
-    return Server(scheduler, tokenizer, app, name)
+    replicas = tuple(
+        Scheduler(engine_cls(model, params, partitioner, **engine_args, **draft_args), max_queue=max_queue,
+                  eos_id=tokenizer.stop_id, detokenize=tokenizer.decode, prefill_chunk=prefill_chunk,
+                  request_timeout_s=request_timeout_s, model_id=_model_dir(checkpoint_path))
+        for partitioner in partitioners)
+    name = served_name(checkpoint_path, model_name)
+    scheduler = replicas[0] if num_replicas == 1 else ReplicaRouter(replicas, routing, block_size)
+    collectors = [ReplicaCollector(scheduler, name)] if num_replicas > 1 else []
+    app = build_app(scheduler, tokenizer, name, chat_template=_chat_template(spec.vocabulary), collectors=collectors)
+    return Server(scheduler, tokenizer, app, name, replicas)
 
 
-def _warm_up(server: Server) -> None:
-    """One tiny request, so the first client does not wait for the compilation; an engine that fails
-    here fails the job."""
+def _model_dir(checkpoint_path: str) -> str:
+    return os.path.dirname(checkpoints.resolve(checkpoint_path)[0])
+
+
+def served_name(checkpoint_path: str, model_name: str | None) -> str:
+    """What clients pass as `model`: MODEL_NAME, else the model directory's name."""
+    return model_name or os.path.basename(_model_dir(checkpoint_path))
+
+
+def _partitioners(mesh_shape: Mapping[str, int] | None, logical_axis_rules: Any,
+                  num_replicas: int) -> list[Partitioner]:
+    """One partitioner per replica. One replica keeps the mesh of all devices (MESH_SHAPE) or one device;
+    several get disjoint groups of this process's devices (`router.device_groups`)."""
+    if num_replicas == 1:
+        return [loading.default_partitioner() if mesh_shape is None else Partitioner(mesh_shape, logical_axis_rules)]
+    groups = device_groups(jax.local_devices(), num_replicas, mesh_shape)
+    if mesh_shape is None:
+        return [Partitioner({"data": 1, "fsdp": 1, "model": 1}, "dp", devices=group) for group in groups]
+    return [Partitioner(mesh_shape, logical_axis_rules, devices=group) for group in groups]
+
+
+def warm_up(server: Server) -> None:
+    """One tiny request per replica, so the first client does not wait for the compilation; an engine
+    that fails here fails the job."""
     prompt = server.tokenizer.prompt("Hi")
-    _, reason = server.scheduler.submit(prompt, SamplingParams(max_tokens=2)).result(WARMUP_TIMEOUT_S)
-    if reason == "error":
-        raise RuntimeError(f"the engine failed on a warm-up request: {server.scheduler.error}")
+    for replica in server.replicas:
+        _, reason = replica.submit(prompt, SamplingParams(max_tokens=2)).result(WARMUP_TIMEOUT_S)
+        if reason == "error":
+            raise RuntimeError(f"the engine failed on a warm-up request: {replica.error}")
 
 
 def _run_until_signal(server: Server, host: str, port: int, drain_timeout_s: float | None) -> None:

@@ -29,11 +29,12 @@ import dataclasses
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmops_jax.serving import api
@@ -367,17 +368,20 @@ def _error_response(error: api.APIError) -> JSONResponse:
 
 
 def build_app(scheduler: Scheduler, tokenizer: Tokenizer, model_name: str, *, chat_template: ChatTemplate = SIMPLE,
-              retry_after_s: int = 1) -> FastAPI:
+              retry_after_s: int = 1, collectors: Sequence[Collector] = ()) -> FastAPI:
     """The app serving `scheduler`, which the caller starts and stops (the `serve` job does).
 
     Args:
-      scheduler: a `Scheduler` whose thread runs the engine.
+      scheduler: a `Scheduler` whose thread runs the engine, or a `router.ReplicaRouter` over several.
       tokenizer: text and prompt formatting of the served model.
       model_name: the `model` of requests and responses, and the metrics' model_name label.
       chat_template: how chat messages become a prompt (`chat_template.SIMPLE`, or the model's own).
       retry_after_s: the Retry-After of a 429.
+      collectors: more Prometheus collectors for /metrics (the router's per-replica series).
     """
     service = _Service(scheduler, tokenizer, model_name, chat_template, retry_after_s)
+    for collector in collectors:
+        service.metrics.registry.register(collector)
     app = FastAPI(title="lmops_jax", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
 
