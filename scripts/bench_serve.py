@@ -8,7 +8,13 @@ weights saved as a checkpoint with its model spec) through:
   cb (HTTP)      `python -m lmops_jax.serve` as a subprocess on 127.0.0.1 (a free port), streaming
                  `/v1/completions`; the load generator is an asyncio httpx client in this process.
   cb_inproc      the same `Scheduler` + `Engine` in this process (no HTTP), same arrivals: separates the
-                 HTTP/SSE cost from the batching policy.
+                 HTTP/SSE cost from the batching policy. Dense KV rows: MAX_SLOTS rows of max_length.
+  paged          the same in-process run with KV_CACHE='paged' (blocks of `--block_size`) in exactly the
+                 dense rows' KV bytes (`engine.kv_bytes_per_row` x MAX_SLOTS) and `--paged_slot_factor` x
+                 MAX_SLOTS slots: short requests need few blocks, so more of them decode at once in the
+                 same bytes; when blocks run out a request is preempted and recomputed. Reported: the
+                 most slots decoding in one engine step for both (`paged_` / `dense_peak_concurrency`),
+                 preemptions, and greedy token agreement with the dense run.
   static         the same `Engine` (built by the same `serving.serve.build_server`) in static batching,
                  implemented here on the Engine API: wait for MAX_SLOTS arrived requests (or
                  `--static_wait_s` after the first of them), prefill them, step until every one is done,
@@ -19,15 +25,15 @@ weights saved as a checkpoint with its model spec) through:
                  process with the same arrival schedule; its greedy tokens are compared with ours token by
                  token (`hf_token_agreement`).
 
-  spec (batch 1) `--spec_requests` requests one after another (prompts cut to `--short_prompt`,
-                 `--spec_tokens` each) on one slot, with and without a draft (`DRAFT`: the bench vocabulary,
-                 d_model 64, 1 layer; random init like the served model, so it is not aligned with it:
-                 acceptance is near 0 and the figure is speculation's overhead, not its gain).
+  spec (batch 1) a served model and a draft distilled from it on the same data (`--spec_checkpoint`,
+                 `--spec_draft_checkpoint`; without them `scripts/make_spec_pair.py` trains a pair with
+                 the library's CLI first, on `synthetic_lm`, and its wall time is reported). In process,
+                 token ids only (the pair's byte vocabulary is not the bench's): `--spec_requests`
+                 prompts of `--spec_prompt` symbols sampled from the task's Markov source, `--spec_tokens`
+                 greedy tokens each, one after another on one slot, with and without the draft.
 
 Every system stops a request at EOS (id 1) or its max_tokens. Compilation is excluded: each system first
-serves one request per prefill bucket the workload touches. The paged KV cache is not in the serving
-engine yet: `paged_peak_concurrency` is null, and `dense_peak_concurrency` is the most requests decoding
-at once in the in-process CB run (at most MAX_SLOTS). The checkpoint's vocabulary is a word-level
+serves one request per prefill bucket the workload touches. The checkpoint's vocabulary is a word-level
 tokenizer whose token i is the word "wI", so streamed text gives back token ids exactly.
 
 Throughput counts output tokens from the first arrival to the last finish; TTFT is from a request's
@@ -35,6 +41,7 @@ send (its arrival) to its first token; TPOT is (latency - TTFT) / (tokens - 1) p
 line printed is one JSON object with the figures.
 
     python scripts/bench_serve.py [--requests 128] [--rate 32] [--max_slots 8] [--skip_hf] [--quick]
+        [--spec_checkpoint DIR --spec_draft_checkpoint DIR]
 """
 from __future__ import annotations
 
@@ -61,17 +68,16 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lmops_jax import checkpoints  # noqa: E402
+from lmops_jax.data.synthetic import MarkovSource  # noqa: E402
 from lmops_jax.models import decoder_only, model, spec  # noqa: E402
 from lmops_jax.serving import serve as serve_lib  # noqa: E402
-from lmops_jax.serving.engine import Engine, SlotSampling  # noqa: E402
+from lmops_jax.serving.engine import Engine, SlotSampling, kv_bytes_per_row  # noqa: E402
 from lmops_jax.serving.scheduler import SamplingParams, Scheduler, TokenEvent  # noqa: E402
+from scripts import make_spec_pair  # noqa: E402
 from scripts.bench_decode import BENCH  # noqa: E402
 
 TINY = decoder_only.LlamaConfig(vocab_size=256, d_model=64, num_layers=1, num_heads=4, num_kv_heads=2, mlp_dim=128,
                                 dtype="float32", param_dtype="float32")
-# The speculative draft: the bench config's vocabulary with a quarter of its width and one layer.
-DRAFT = dataclasses.replace(BENCH, d_model=64, num_layers=1, num_heads=2, num_kv_heads=2, mlp_dim=176)
-TINY_DRAFT = dataclasses.replace(TINY, d_model=32, mlp_dim=64)
 EOS = 1
 READY = re.compile(r"serving \S+ at (http://127\.0\.0\.1:\d+/v1)")
 START_TIMEOUT_S = 300.0
@@ -273,6 +279,37 @@ def run_scheduler(scheduler: Scheduler, requests: Sequence[Request]) -> tuple[li
     return outcomes, t0
 
 
+def _count_decoding(engine: Engine) -> list[int]:
+    """Wraps this engine's `generate` to record how many slots hold a decoding request at each step:
+    the exact concurrency the engine ran, which token timestamps cannot give once requests are
+    preempted (a preempted request's first and last tokens span the time it waited)."""
+    counts: list[int] = []
+    generate = engine.generate
+
+    def counted(*args, **kwargs):
+        counts.append(engine.max_slots - len(engine.free_slots))
+        return generate(*args, **kwargs)
+
+    engine.generate = counted
+    return counts
+
+
+def run_inproc(scheduler: Scheduler, requests: Sequence[Request],
+               warmup: Sequence[Request]) -> tuple[tuple[list[Outcome], float], dict]:
+    """The workload on a built, not yet started scheduler after its warm-up, and what the engine held:
+    the most requests decoding in one step and the preemptions (paged KV) during the workload."""
+    scheduler.start()
+    try:
+        run_scheduler(scheduler, warmup)
+        decoding = _count_decoding(scheduler.engine)
+        before = scheduler.stats().preemptions
+        run = run_scheduler(scheduler, requests)
+        held = {"peak_concurrency": max(decoding), "preemptions": scheduler.stats().preemptions - before}
+    finally:
+        scheduler.stop(drain=False, timeout=60)
+    return run, held
+
+
 def _run_batch(engine: Engine, requests: Sequence[Request], batch: Sequence[int], outcomes: list,
                sent: Sequence[float]) -> None:
     """Static batching's unit: prefill the batch into slots 0.., step until all are done, free them."""
@@ -312,12 +349,15 @@ def run_static(engine: Engine, requests: Sequence[Request], wait_s: float) -> tu
 
 
 # ------------------------------------------------------------------------ speculative, batch 1
-def _local_server(checkpoint: str, args: argparse.Namespace, max_slots: int, draft: str | None = None):
-    """`serve.build_server` as the HTTP job builds it, without prefix cache, its scheduler not started."""
+def _local_server(checkpoint: str, args: argparse.Namespace, max_slots: int, draft: str | None = None,
+                  kv_cache_bytes: int | None = None):
+    """`serve.build_server` as the HTTP job builds it, without prefix cache, its scheduler not started;
+    with `kv_cache_bytes`, a paged KV cache of that many bytes (else dense rows)."""
     return serve_lib.build_server(
         checkpoint, max_slots=max_slots, max_queue=4096, max_length=args.max_length, prefix_cache=False,
-        prefill_chunk=512, request_timeout_s=None, dtype=None, mesh_shape=None, logical_axis_rules="tp",
-        model_name=None, draft_checkpoint=draft, num_draft_tokens=args.num_draft_tokens)
+        kv_cache="dense" if kv_cache_bytes is None else "paged", kv_cache_bytes=kv_cache_bytes,
+        block_size=args.block_size, prefill_chunk=512, request_timeout_s=None, dtype=None, mesh_shape=None,
+        logical_axis_rules="tp", model_name=None, draft_checkpoint=draft, num_draft_tokens=args.num_draft_tokens)
 
 
 def _sequential_tokens_per_s(scheduler: Scheduler, requests: Sequence[Request]) -> tuple[float, list[list[int]]]:
@@ -329,11 +369,30 @@ def _sequential_tokens_per_s(scheduler: Scheduler, requests: Sequence[Request]) 
     return sum(map(len, outputs)) / (time.perf_counter() - start), outputs
 
 
-def run_spec_b1(checkpoint: str, draft: str, requests: Sequence[Request], args: argparse.Namespace) -> dict:
+def spec_pair(tmp: str, args: argparse.Namespace) -> tuple[str, str, dict]:
+    """The served model and its draft: the flags' checkpoints, else a pair trained now by
+    `make_spec_pair` (with its wall seconds in the figures)."""
+    if args.spec_checkpoint:
+        return args.spec_checkpoint, args.spec_draft_checkpoint, {}
+    pair = make_spec_pair.make_pair(os.path.join(tmp, "spec_pair"), args)
+    return pair["served"], pair["draft"], {"spec_pair_train_s": pair["served_s"] + pair["draft_s"]}
+
+
+def spec_prompts(args: argparse.Namespace) -> list[str]:
+    """Prompts from the Markov source the pair was trained on (`synthetic_lm`'s default source), so
+    both models continue text of the kind they learned."""
+    source = MarkovSource()
+    return [text.decode("ascii") for text in source.to_strings(
+        source.sample(np.random.default_rng(args.seed), args.spec_requests, args.spec_prompt))]
+
+
+def run_spec_b1(checkpoint: str, draft: str, prompts: Sequence[str], args: argparse.Namespace) -> dict:
     """Batch-1 greedy decoding with and without the draft (same engine code, one slot)."""
     rates, outputs = {}, {}
     for name, draft_checkpoint in (("plain", None), ("spec", draft)):
-        scheduler = _local_server(checkpoint, args, 1, draft_checkpoint).scheduler
+        server = _local_server(checkpoint, args, 1, draft_checkpoint)
+        requests = [Request(0.0, server.tokenizer.prompt(p), args.spec_tokens) for p in prompts]
+        scheduler = server.scheduler
         scheduler.start()
         try:
             _sequential_tokens_per_s(scheduler, requests[:1])  # compiles
@@ -403,13 +462,6 @@ def _hf_serve(manager, requests: Sequence[Request], prefix: str) -> tuple[list[O
 
 
 # ----------------------------------------------------------------------------------------- main
-def peak_decoding(outcomes: Sequence[Outcome]) -> int:
-    """Most requests between their first and last token at any moment."""
-    edges = sorted([(o.times[0], 1) for o in outcomes] + [(o.times[-1], -1) for o in outcomes],
-                   key=lambda e: (e[0], -e[1]))
-    return int(max(np.cumsum([d for _, d in edges])))
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=128)
@@ -422,21 +474,60 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--long_output", type=int, default=128)
     parser.add_argument("--max_slots", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=512)
+    parser.add_argument("--block_size", type=int, default=16, help="positions per paged KV block")
+    parser.add_argument("--paged_slot_factor", type=int, default=4,
+                        help="the paged run's slots, in multiples of --max_slots (its KV bytes stay the dense rows')")
     parser.add_argument("--static_wait_s", type=float, default=0.5,
                         help="static batching starts a partial batch this long after its first request arrived")
     parser.add_argument("--hf_max_batch_tokens", type=int, default=256)
+    parser.add_argument("--skip_hf", action="store_true", help="no transformers peer (hf_* keys null)")
+    parser.add_argument("--spec_checkpoint", help="the served model of the batch-1 speculative run")
+    parser.add_argument("--spec_draft_checkpoint", help="its draft (same vocabulary)")
+    make_spec_pair.add_flags(parser)  # the pair trained when the two flags above are absent
     parser.add_argument("--num_draft_tokens", type=int, default=4)
     parser.add_argument("--spec_requests", type=int, default=4, help="batch-1 requests, with and without draft")
-    parser.add_argument("--spec_tokens", type=int, default=128, help="output tokens of each batch-1 request")
-    parser.add_argument("--skip_hf", action="store_true", help="no transformers peer (hf_* keys null)")
+    parser.add_argument("--spec_prompt", type=int, default=16, help="symbols of each batch-1 prompt")
+    parser.add_argument("--spec_tokens", type=int, default=96, help="output tokens of each batch-1 request")
     parser.add_argument("--quick", action="store_true",
-                        help="a tiny model and 6 short requests: checks the script, measures nothing")
+                        help="tiny models, 6 short requests, a pair trained for 3 steps: checks the script, "
+                             "measures nothing")
     args = parser.parse_args(argv)
+    if bool(args.spec_checkpoint) != bool(args.spec_draft_checkpoint):
+        parser.error("--spec_checkpoint and --spec_draft_checkpoint go together")
     if args.quick:
         args.requests, args.rate, args.max_slots, args.max_length = 6, 20.0, 2, 64
         args.short_prompt, args.long_prompt, args.short_output, args.long_output = 8, 24, 4, 12
-        args.spec_requests, args.spec_tokens = 1, 8
+        args.block_size = 8
+        # batch 8: divisible by the 8 host devices the test suite gives its subprocesses
+        args.served_layers, args.served_steps, args.draft_steps, args.batch, args.length = 1, 3, 3, 8, 32
+        args.spec_requests, args.spec_prompt, args.spec_tokens = 1, 8, 8
     return args
+
+
+def run_load(checkpoint: str, requests: Sequence[Request], tmp: str,
+             args: argparse.Namespace) -> tuple[dict[str, tuple[list[Outcome], float]], dict]:
+    """Every system on the workload (module docstring), and what the dense and paged KV caches held."""
+    local = _local_server(checkpoint, args, args.max_slots)
+    engine = local.scheduler.engine
+    warm = warmup_requests(requests, engine.buckets)
+    runs = {"cb": run_http(checkpoint, requests, warm, args)}
+    run_static(engine, warm, 0.0)
+    runs["static"] = run_static(engine, requests, args.static_wait_s)
+    runs["cb_inproc"], dense = run_inproc(local.scheduler, requests, warm)
+    kv_bytes = args.max_slots * kv_bytes_per_row(engine.model, engine.max_length)
+    paged_scheduler = _local_server(checkpoint, args, args.paged_slot_factor * args.max_slots,
+                                    kv_cache_bytes=kv_bytes).scheduler
+    paged_warm = warmup_requests(requests, paged_scheduler.engine.buckets)
+    runs["paged"], paged = run_inproc(paged_scheduler, requests, paged_warm)
+    if not args.skip_hf:
+        from lmops_jax import convert
+        hf_dir = os.path.join(tmp, "hf")
+        convert.export_hf(checkpoint, hf_dir)
+        runs["hf_cb"] = run_hf(hf_dir, requests, warm, args)
+    return runs, {"kv_cache_bytes": kv_bytes, "paged_kv_blocks": paged_scheduler.engine.kv_blocks,
+                  "paged_max_slots": paged_scheduler.engine.max_slots,
+                  "dense_peak_concurrency": dense["peak_concurrency"],
+                  "paged_peak_concurrency": paged["peak_concurrency"], "paged_preemptions": paged["preemptions"]}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -444,32 +535,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = TINY if args.quick else BENCH
     result: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "jax": jax.__version__,
                     "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "load_avg_1min_start": os.getloadavg()[0], **{k: v for k, v in vars(args).items()}}
-    runs: dict[str, tuple[list[Outcome], float]] = {}
+                    "load_avg_1min_start": os.getloadavg()[0], **vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = make_checkpoint(os.path.join(tmp, "bench"), cfg)
-        requests = workload(args, cfg.vocab_size)
-        local = _local_server(checkpoint, args, args.max_slots)
-        engine = local.scheduler.engine
-        warm = warmup_requests(requests, engine.buckets)
-        runs["cb"] = run_http(checkpoint, requests, warm, args)
-        run_static(engine, warm, 0.0)
-        runs["static"] = run_static(engine, requests, args.static_wait_s)
-        local.scheduler.start()
-        try:
-            run_scheduler(local.scheduler, warm)
-            runs["cb_inproc"] = run_scheduler(local.scheduler, requests)
-        finally:
-            local.scheduler.stop(drain=False, timeout=60)
-        if not args.skip_hf:
-            from lmops_jax import convert
-            hf_dir = os.path.join(tmp, "hf")
-            convert.export_hf(checkpoint, hf_dir)
-            runs["hf_cb"] = run_hf(hf_dir, requests, warm, args)
-        draft = make_checkpoint(os.path.join(tmp, "draft"), TINY_DRAFT if args.quick else DRAFT)
-        spec_requests = [Request(0.0, r.prompt[:args.short_prompt], args.spec_tokens)
-                         for r in requests[:args.spec_requests]]
-        result.update(run_spec_b1(checkpoint, draft, spec_requests, args))
+        runs, held = run_load(checkpoint, workload(args, cfg.vocab_size), tmp, args)
+        result.update(held)
+        served, draft, pair = spec_pair(tmp, args)
+        result.update(pair)
+        result.update(run_spec_b1(served, draft, spec_prompts(args), args))
     print(json.dumps(report(result, runs)))
 
 
@@ -482,26 +555,24 @@ def report(result: dict, runs: dict[str, tuple[list[Outcome], float]]) -> dict:
               f"p99 {summary['latency_p99_s']:.2f} s, TTFT p50 {summary['ttft_p50_s']:.3f} s "
               f"p99 {summary['ttft_p99_s']:.3f} s, TPOT p50 {summary['tpot_p50_s']} s", flush=True)
     cb, static, hf = summaries["cb"], summaries["static"], summaries.get("hf_cb")
+    inproc, paged = summaries["cb_inproc"], summaries["paged"]
     result.update({
         "ttft_p50_s": cb["ttft_p50_s"], "ttft_p99_s": cb["ttft_p99_s"], "tpot_p50_s": cb["tpot_p50_s"],
         "tpot_p99_s": cb["tpot_p99_s"],
         "cb_over_static_tokens_per_s": round(cb["tokens_per_s"] / static["tokens_per_s"], 3),
         "cb_over_static_latency_mean": round(cb["latency_mean_s"] / static["latency_mean_s"], 3),
-        "cb_inproc_over_static_tokens_per_s": round(
-            summaries["cb_inproc"]["tokens_per_s"] / static["tokens_per_s"], 3),
-        "cb_inproc_over_static_latency_mean": round(
-            summaries["cb_inproc"]["latency_mean_s"] / static["latency_mean_s"], 3),
+        "cb_inproc_over_static_tokens_per_s": round(inproc["tokens_per_s"] / static["tokens_per_s"], 3),
+        "cb_inproc_over_static_latency_mean": round(inproc["latency_mean_s"] / static["latency_mean_s"], 3),
+        "paged_over_dense_tokens_per_s": round(paged["tokens_per_s"] / inproc["tokens_per_s"], 3),
+        "paged_over_dense_latency_mean": round(paged["latency_mean_s"] / inproc["latency_mean_s"], 3),
         "hf_cb_tokens_per_s": hf and hf["tokens_per_s"],
         "cb_over_hf_tokens_per_s": hf and round(cb["tokens_per_s"] / hf["tokens_per_s"], 3),
         "cb_over_hf_latency_p99": hf and round(cb["latency_p99_s"] / hf["latency_p99_s"], 3),
-        "hf_token_agreement": "hf_cb" in runs and token_agreement(runs["cb"][0], runs["hf_cb"][0]),
+        "hf_token_agreement": token_agreement(runs["cb"][0], runs["hf_cb"][0]) if hf else None,
         "static_token_agreement": token_agreement(runs["cb"][0], runs["static"][0]),
         "cb_inproc_token_agreement": token_agreement(runs["cb"][0], runs["cb_inproc"][0]),
-        "paged_peak_concurrency": None,  # KV_CACHE='paged' is not in the serving engine yet
-        "dense_peak_concurrency": peak_decoding(runs["cb_inproc"][0]),
+        "paged_token_agreement": token_agreement(runs["cb_inproc"][0], runs["paged"][0]),
         "load_avg_1min_end": os.getloadavg()[0]})
-    if "hf_cb" not in runs:
-        result["hf_token_agreement"] = None
     return result
 
 

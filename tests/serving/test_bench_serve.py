@@ -1,5 +1,6 @@
-"""scripts/bench_serve.py runs end to end (`--quick`: a tiny model, a few requests) and ends with the JSON
-line docs/benchmarks.md reads, so the benchmark cannot rot. Its figures are not checked (no timing
+"""scripts/bench_serve.py runs end to end (`--quick`: a tiny model, a few requests, a speculative pair
+trained for 3 steps by scripts/make_spec_pair.py through the CLI) and ends with the JSON line
+docs/benchmarks.md reads, so the benchmark cannot rot. Its figures are not checked (no timing
 asserts); the systems' greedy tokens must agree."""
 import importlib.util
 import json
@@ -11,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCRIPT = os.path.join(ROOT, "scripts", "bench_serve.py")
 KEYS = ("cb_tokens_per_s", "static_tokens_per_s", "hf_cb_tokens_per_s", "cb_latency_mean_s", "static_latency_mean_s",
         "cb_latency_p99_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "spec_speedup_b1", "spec_tokens_per_step",
-        "hf_token_agreement", "paged_peak_concurrency", "dense_peak_concurrency")
+        "hf_token_agreement", "paged_peak_concurrency", "dense_peak_concurrency", "paged_tokens_per_s",
+        "paged_preemptions", "paged_token_agreement", "spec_acceptance_rate", "spec_greedy_equal", "spec_pair_train_s")
 
 
 def test_quick_run_prints_every_key():
@@ -24,6 +26,9 @@ def test_quick_run_prints_every_key():
     assert result["cb_tokens_per_s"] > 0 and result["static_tokens_per_s"] > 0
     assert result["static_token_agreement"] == result["cb_inproc_token_agreement"] == 1.0
     assert result["spec_greedy_equal"] is True and result["spec_tokens_per_step"] >= 1
-    assert result["paged_peak_concurrency"] is None and 1 <= result["dense_peak_concurrency"] <= 2
+    assert 1 <= result["dense_peak_concurrency"] <= 2  # --quick: 2 slots
+    assert 1 <= result["paged_peak_concurrency"] <= 8 and result["paged_tokens_per_s"] > 0  # 4 x 2 slots
+    assert result["paged_preemptions"] >= 0 and result["paged_token_agreement"] == 1.0
+    assert 0 <= result["spec_acceptance_rate"] <= 1 and result["spec_pair_train_s"] > 0
     if has_torch:
         assert result["hf_token_agreement"] == 1.0 and result["hf_cb_tokens_per_s"] > 0
