@@ -151,6 +151,16 @@ def _boxed_values(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree, is_leaf=is_box)
 
 
+def narrow_tables(cache: Cache, width: int | None) -> Cache:
+    """The cache as a paged step reads it: its block table cut to the first `width` columns (None: as it is)."""
+    return cache if width is None else {**cache, BLOCK_TABLE: cache[BLOCK_TABLE][:, :width]}
+
+
+def restore_tables(cache: Cache, original: Cache) -> Cache:
+    """`cache` (from a narrowed step) with `original`'s full block table back."""
+    return {**cache, BLOCK_TABLE: original[BLOCK_TABLE]} if BLOCK_TABLE in original else cache
+
+
 def _cache_bytes(make_cache) -> int:
     """Bytes of the cache `make_cache()` would build (shapes only)."""
     leaves = jax.tree.leaves(_boxed_values(jax.eval_shape(make_cache)))
@@ -241,7 +251,7 @@ class Engine:
         self._prefill_jit = jax.jit(self._prefill_fn, donate_argnums=1,
                                     out_shardings=(replicated, self._row_shardings))
         self._insert_jit = jax.jit(self._insert_fn, donate_argnums=0, out_shardings=self._state_shardings)
-        self._step_jit = jax.jit(self._step_fn, donate_argnums=1, static_argnames="with_top",
+        self._step_jit = jax.jit(self._step_fn, donate_argnums=1, static_argnames=("with_top", "width"),
                                  out_shardings=(self._state_shardings, replicated, replicated, replicated))
         with self.partitioner.context():
             self._state = jax.jit(lambda: DecodeState(
@@ -306,6 +316,19 @@ class Engine:
         self._tables[slot] = self.kv_blocks
         self._tables[slot, :len(blocks)] = blocks
         self._tables_dirty = True
+
+    def table_width(self) -> int | None:
+        """Paged: the block-table columns the next step reads, the smallest power of two that covers every
+        occupied slot's positions after the step (None for dense rows). Short rows then gather a few
+        blocks, not max_length positions; one compiled step per width."""
+        if not self.paged:
+            return None
+        used = self.lengths[self._occupied] + self.tokens_per_step
+        need = -(-int(used.max()) // self.block_size) if used.size else 1
+        width = 1
+        while width < need:
+            width *= 2
+        return min(width, self._tables.shape[1])
 
     def _sync_tables(self) -> None:
         """Uploads the host block tables into the decode state when they changed."""
@@ -426,22 +449,23 @@ class Engine:
         with self.partitioner.context():
             self._state, tokens, logprobs, top = self._step_jit(
                 self.params, self._state, sampling.temperature, sampling.top_k, sampling.top_p, sampling.key_data,
-                with_top=top_logprobs)
+                with_top=top_logprobs, width=self.table_width())
         self._room -= self._occupied
         self.lengths += self._occupied
         top_tokens, top_values = (np.asarray(top[0]), np.asarray(top[1])) if top_logprobs else (None, None)
         return StepResult(np.asarray(tokens), np.asarray(logprobs), self._occupied & (self._room <= 0),
                           top_tokens, top_values)
 
-    def _step_fn(self, params, state: DecodeState, temperature, top_k, top_p, key_data, with_top: bool):
+    def _step_fn(self, params, state: DecodeState, temperature, top_k, top_p, key_data, with_top: bool,
+                 width: int | None):
         self.trace_counts["generate_top" if with_top else "generate"] += 1
         keys = jax.vmap(lambda data, step: jax.random.fold_in(jax.random.wrap_key_data(data), step))(
             key_data, state.steps)
         tokens = decoding.sample_rows(state.logits, keys, temperature, top_k, top_p)
         logprobs = jnp.take_along_axis(jax.nn.log_softmax(state.logits), tokens[:, None], axis=-1)[:, 0]
         top = top_log_probs(state.logits) if with_top else None
-        logits, cache = self.model.decode_step(params, tokens, state.cache)
-        return DecodeState(cache, logits, state.steps + 1), tokens, logprobs, top
+        logits, cache = self.model.decode_step(params, tokens, narrow_tables(state.cache, width))
+        return DecodeState(restore_tables(cache, state.cache), logits, state.steps + 1), tokens, logprobs, top
 
     # ------------------------------------------------------------------------- prefix-cache blocks
     def load_prefix(self, block_ids: Sequence[int]) -> Prefix:

@@ -42,7 +42,7 @@ from lmops_jax.inference import decoding
 from lmops_jax.models.model import BaseModel, Cache
 from lmops_jax.partitioning import Partitioner
 from lmops_jax.serving.engine import (CACHE_INDEX, DecodeState, Engine, Prefix, SlotSampling, TopLogprobs, _top_pairs,
-                                      top_log_probs)
+                                      narrow_tables, restore_tables, top_log_probs)
 
 
 class DraftMismatch(ValueError):
@@ -138,7 +138,7 @@ class SpeculativeEngine(Engine):
         self._pending = jax.device_put(np.zeros(self.max_slots, np.int32), replicated)
         self._fresh = np.zeros(self.max_slots, bool)  # inserted since the last step: no pending token yet
         self._spec_jit = jax.jit(
-            self._spec_step_fn, donate_argnums=(2, 3, 4), static_argnames="with_top",
+            self._spec_step_fn, donate_argnums=(2, 3, 4), static_argnames=("with_top", "width"),
             out_shardings=(self._state_shardings, self.draft._state_shardings, replicated, replicated, replicated,
                            replicated, replicated))  # the draft engine's decode state is this engine's to step
 
@@ -184,7 +184,8 @@ class SpeculativeEngine(Engine):
         with self.partitioner.context():
             self._state, draft._state, self._pending, tokens, logprobs, accepted, top = self._spec_jit(
                 self.params, draft.params, self._state, draft._state, self._pending, self._fresh,
-                sampling.temperature, sampling.top_k, sampling.top_p, sampling.key_data, with_top=top_logprobs)
+                sampling.temperature, sampling.top_k, sampling.top_p, sampling.key_data, with_top=top_logprobs,
+                width=self.table_width())
         accepted = np.asarray(accepted)
         count = np.where(self._occupied, np.minimum(accepted + 1 + self._fresh, self._room), 0)
         self._fresh[:] = False
@@ -198,7 +199,7 @@ class SpeculativeEngine(Engine):
             top_logprobs=np.asarray(top[1]) if top_logprobs else None)
 
     def _spec_step_fn(self, params, draft_params, state: DecodeState, draft_state: DecodeState, pending, fresh,
-                      temperature, top_k, top_p, key_data, with_top: bool):
+                      temperature, top_k, top_p, key_data, with_top: bool, width: int | None):
         """Steps 1-5 of the module docstring: (state, draft_state, pending, tokens [S, k + 2],
         logprobs [S, k + 2], accepted [S], top (ids, log-probs) [S, k + 2, K] or None)."""
         self.trace_counts["speculate"] += 1
@@ -216,12 +217,12 @@ class SpeculativeEngine(Engine):
             draft = jax.vmap(jax.random.categorical)(key, logq).astype(jnp.int32)
             return (cache, draft), (draft, logq)
 
-        (draft_cache, last), (drafts, logq) = jax.lax.scan(propose, (draft_state.cache, pending),
+        (draft_cache, last), (drafts, logq) = jax.lax.scan(propose, (narrow_tables(draft_state.cache, width), pending),
                                                            jnp.moveaxis(keys[:, 1:k + 1], 1, 0))
         _, draft_cache = self.draft.model.decode_step(draft_params, last, draft_cache)
         drafts, logq = drafts.T, jnp.moveaxis(logq, 0, 1)  # [S, k], [S, k, V]
         logits, cache = self.model.decode_tokens(params, jnp.concatenate([pending[:, None], drafts], axis=1),
-                                                 state.cache)  # [S, k + 1, V]
+                                                 narrow_tables(state.cache, width))  # [S, k + 1, V]
         repeat = lambda x: jnp.repeat(x, k + 1)  # noqa: E731
         logp = decoding.row_log_probs(logits.reshape(slots * (k + 1), -1), repeat(temperature), repeat(top_k),
                                       repeat(top_p)).reshape(logits.shape)
@@ -241,6 +242,7 @@ class SpeculativeEngine(Engine):
             first, rest = top_log_probs(state.logits), top_log_probs(logits)
             top = tuple(jnp.where(fresh[:, None, None], jnp.concatenate([f[:, None], r], axis=1),
                                   jnp.pad(r, ((0, 0), (0, 1), (0, 0)))) for f, r in zip(first, rest))
-        return (DecodeState(roll_back(cache), state.logits, steps),
-                DecodeState(roll_back(draft_cache), draft_state.logits, draft_state.steps),
+        return (DecodeState(restore_tables(roll_back(cache), state.cache), state.logits, steps),
+                DecodeState(restore_tables(roll_back(draft_cache), draft_state.cache), draft_state.logits,
+                            draft_state.steps),
                 nxt, tokens, logprobs, accepted, top)

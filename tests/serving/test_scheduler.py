@@ -107,7 +107,10 @@ def test_continuous_batching_gives_each_request_its_tokens_alone(name, chunk, mo
     stats = scheduler.stats()
     assert stats.generated_tokens == sum(len(r[2]) for r in reqs) and stats.waiting == stats.running == 0
     assert (stats.prefix_cache_hits > 0) == ("cached" in name)
-    assert engine(name).trace_counts["generate"] == 1
+    if engine(name).paged:  # one compiled step per block-table width used: 1, 2, 4, ... of its 16 blocks
+        assert 1 < engine(name).trace_counts["generate"] <= 5
+    else:
+        assert engine(name).trace_counts["generate"] == 1
     assert sum(fed) == sum(len(r[0]) for r in reqs) - stats.prefix_cache_hits  # hits are not prefilled
     assert max(fed) == chunk if chunk else len(fed) == len(reqs)  # chunks of at most `chunk` tokens
 
