@@ -47,3 +47,17 @@ def serve_greedy(checkpoint: str, prompt: list[int], max_tokens: int) -> list[in
     while server.scheduler.step():
         pass
     return list(handle.result(timeout=0)[0])
+
+
+def byte_level_checkpoint(m: model.BaseModel, model_dir: str) -> str:
+    """A params-only checkpoint of `m` (random init, seed 0) whose spec names a byte vocabulary: what a
+    server needs to start."""
+    import flax.linen as nn
+    import jax
+
+    from lmops_jax import checkpoints
+    from lmops_jax.models import spec
+    params = jax.device_get(nn.meta.unbox(m.init_params(jax.random.key(0), m.input_shapes(1, {
+        "inputs": 8, "targets": 8}))))
+    checkpoints.save_params(model_dir, params, "", model_spec=spec.ModelSpec(m, spec.VocabularySpec("byte")).to_json())
+    return model_dir

@@ -13,18 +13,14 @@ import sys
 import threading
 import time
 
-import flax.linen as nn
 import httpx
-import jax
 import pytest
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from lmops_jax import checkpoints  # noqa: E402
-from lmops_jax.models import spec  # noqa: E402
 from lmops_jax.serving import ray_app  # noqa: E402
-from tests.helpers import free_port, tiny_llama  # noqa: E402
+from tests.helpers import byte_level_checkpoint, free_port, tiny_llama  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = tiny_llama(vocab_size=260)
@@ -36,11 +32,7 @@ FAST_SCALING = dict(target_ongoing_requests=1, upscale_delay_s=1, downscale_dela
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    model_dir = str(tmp_path_factory.mktemp("ray") / "tiny")
-    params = jax.device_get(nn.meta.unbox(MODEL.init_params(jax.random.key(0), MODEL.input_shapes(1, {
-        "inputs": 8, "targets": 8}))))
-    checkpoints.save_params(model_dir, params, "", model_spec=spec.ModelSpec(MODEL, spec.VocabularySpec("byte")).to_json())
-    return model_dir
+    return byte_level_checkpoint(MODEL, str(tmp_path_factory.mktemp("ray") / "tiny"))
 
 
 def _complete(base: str, max_tokens: int) -> httpx.Response:

@@ -2,17 +2,14 @@
 devices behind one FastAPI app, driven in-process through httpx's ASGI transport."""
 import asyncio
 
-import flax.linen as nn
 import httpx
 import jax
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lmops_jax import checkpoints
-from lmops_jax.models import spec
 from lmops_jax.serving import serve as serve_lib
 from lmops_jax.serving.router import ReplicaRouter, device_groups
-from tests.helpers import tiny_llama
+from tests.helpers import byte_level_checkpoint, tiny_llama
 
 MODEL = tiny_llama(vocab_size=260, num_heads=4, num_kv_heads=4)  # a byte vocabulary; heads split 4 ways
 TP4 = {"data": 1, "fsdp": 1, "model": 4}
@@ -21,11 +18,7 @@ PROMPTS = ["Hello", "abcabc", "The quick brown fox", "0123456789" * 3]
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    model_dir = str(tmp_path_factory.mktemp("replicas") / "tiny")
-    params = jax.device_get(nn.meta.unbox(MODEL.init_params(jax.random.key(0), MODEL.input_shapes(1, {
-        "inputs": 8, "targets": 8}))))
-    checkpoints.save_params(model_dir, params, "", model_spec=spec.ModelSpec(MODEL, spec.VocabularySpec("byte")).to_json())
-    return model_dir
+    return byte_level_checkpoint(MODEL, str(tmp_path_factory.mktemp("replicas") / "tiny"))
 
 
 def _server(checkpoint: str, **overrides) -> serve_lib.Server:
