@@ -119,14 +119,14 @@ class StepResult:
     def emitted(self, slot: int) -> list[tuple[int, float, TopLogprobs]]:
         """(token, logprob, top (token, logprob) pairs or ()) slot `slot` got this step, in order: one
         here (speculative steps give more)."""
-        return [(int(self.tokens[slot]), float(self.logprobs[slot]), _top_pairs(self.top_tokens, self.top_logprobs,
+        return [(int(self.tokens[slot]), float(self.logprobs[slot]), top_pairs(self.top_tokens, self.top_logprobs,
                                                                                   (slot,)))]
 
 
 TopLogprobs = tuple[tuple[int, float], ...]
 
 
-def _top_pairs(tokens: np.ndarray | None, logprobs: np.ndarray | None, index: tuple[int, ...]) -> TopLogprobs:
+def top_pairs(tokens: np.ndarray | None, logprobs: np.ndarray | None, index: tuple[int, ...]) -> TopLogprobs:
     """The (token, logprob) pairs at `index` of top arrays [..., MAX_TOP_LOGPROBS]; () when not computed."""
     if tokens is None:
         return ()

@@ -41,7 +41,7 @@ import numpy as np
 from lmops_jax.inference import decoding
 from lmops_jax.models.model import BaseModel, Cache
 from lmops_jax.partitioning import Partitioner
-from lmops_jax.serving.engine import (CACHE_INDEX, DecodeState, Engine, Prefix, SlotSampling, TopLogprobs, _top_pairs,
+from lmops_jax.serving.engine import (CACHE_INDEX, DecodeState, Engine, Prefix, SlotSampling, TopLogprobs, top_pairs,
                                       narrow_tables, restore_tables, top_log_probs)
 
 
@@ -72,7 +72,7 @@ class SpeculativeStepResult:
 
     def emitted(self, slot: int) -> list[tuple[int, float, TopLogprobs]]:
         return [(int(self.tokens[slot, i]), float(self.logprobs[slot, i]),
-                 _top_pairs(self.top_tokens, self.top_logprobs, (slot, i))) for i in range(int(self.num_tokens[slot]))]
+                 top_pairs(self.top_tokens, self.top_logprobs, (slot, i))) for i in range(int(self.num_tokens[slot]))]
 
 
 def accept_drafts(logp: jax.Array, logq: jax.Array, drafts: jax.Array, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
