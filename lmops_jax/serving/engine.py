@@ -375,6 +375,9 @@ class Engine:
             raise ValueError("prefill: a paged engine writes into the request's blocks; pass "
                              "engine.paged_prefix(blocks) with blocks for every prompt position")
         cache = None if self.paged else self._empty_row() if prefix is None else prefix.cache
+        if self.paged:  # the row's block table, the same for every chunk
+            table = np.full(self._tables.shape[1], self.kv_blocks, np.int32)
+            table[:len(prefix.blocks)] = prefix.blocks
         logits = None
         with self.partitioner.context():
             for start in range(0, true_length, self.buckets[-1]):
@@ -384,8 +387,6 @@ class Engine:
                 padded[0, :len(chunk)] = chunk
                 length = np.array([len(chunk)], np.int32)
                 if self.paged:
-                    table = np.full(self._tables.shape[1], self.kv_blocks, np.int32)
-                    table[:len(prefix.blocks)] = prefix.blocks
                     logits, self._state = self._paged_prefill_jit(self.params, self._state, padded, length, table,
                                                                   np.int32(done + start))
                 else:
