@@ -61,3 +61,26 @@ def byte_level_checkpoint(m: model.BaseModel, model_dir: str) -> str:
         "inputs": 8, "targets": 8}))))
     checkpoints.save_params(model_dir, params, "", model_spec=spec.ModelSpec(m, spec.VocabularySpec("byte")).to_json())
     return model_dir
+
+
+def lora_run_checkpoint(base: model.BaseModel, base_dir: str, run_dir: str, *, rank: int = 4, alpha: float = 8.0,
+                        targets: str = r".*/(q_proj|v_proj)", seed: int = 1) -> str:
+    """What a LoRA run (gin_configs/runs/lora.gin) of `base` from the checkpoint `base_dir` saves: adapter-only
+    params (A and B random, so the adapter changes the outputs), its LoraModel spec and a gin config naming
+    INITIAL_CHECKPOINT_PATH. Returns run_dir."""
+    import flax.linen as nn
+    import jax
+
+    from lmops_jax import checkpoints
+    from lmops_jax.models import spec
+    from lmops_jax.peft import lora
+    lora_model = lora.LoraModel(base, rank=rank, alpha=alpha, targets=targets)
+    params = nn.meta.unbox(lora_model.init_params(jax.random.key(seed), base.input_shapes(1, {"inputs": 8,
+                                                                                              "targets": 8})))
+    keys = iter(jax.random.split(jax.random.key(seed + 100), 1000))
+    adapters = jax.tree.map(lambda x: np.asarray(jax.random.normal(next(keys), x.shape, x.dtype)) * 0.5,
+                            jax.device_get(lora.adapter_params(params)))
+    config = f"INITIAL_CHECKPOINT_PATH = {base_dir!r}\n"
+    checkpoints.save_params(run_dir, adapters, config,
+                            model_spec=spec.ModelSpec(lora_model, spec.VocabularySpec("byte")).to_json())
+    return run_dir

@@ -270,6 +270,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "lmops_jax"
     max_model_len: int
+    root: str | None = None  # vLLM's: the model an adapter is served on
+    parent: str | None = None  # vLLM's: an adapter's base model (None for a model)
+    resident: bool = True  # loaded on the devices now (else loaded on a request's demand)
 
 
 class ModelList(BaseModel):

@@ -41,7 +41,6 @@ One process: the engine's mesh must hold only local devices.
 from __future__ import annotations
 
 import collections
-import dataclasses
 from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -52,92 +51,13 @@ import numpy as np
 from lmops_jax.inference import decoding
 from lmops_jax.models import loading
 from lmops_jax.models.model import BaseModel, Cache
+from lmops_jax.models.multi_lora import Adapter, AdapterLayout, per_row_adapters, write_slot
 from lmops_jax.models.paged_attention import BLOCK_TABLE, KVPages
 from lmops_jax.partitioning import Partitioner
 from lmops_jax.serving.prefix_pool import CACHE_INDEX, PrefixPool
-
-MAX_TOP_LOGPROBS = 20  # most likely tokens a step reports per slot when asked (OpenAI's chat limit)
-
-
-@dataclasses.dataclass
-class Prefix:
-    """A request prefilled into a one-row cache, not yet in a slot.
-
-    cache: the row (every leaf [1, ...]); logits: float32 [1, V] predicting the first new token, None
-    while no prompt token has been fed (a row made by `load_prefix`); length: prompt tokens in the row.
-    """
-
-    cache: Cache
-    logits: jax.Array | None
-    length: int
-    draft: Prefix | None = None  # the draft model's row of the same tokens (serving.speculative)
-    blocks: list[int] | None = None  # paged: the row's blocks (its cache lives in the engine's pool)
-
-
-@dataclasses.dataclass
-class SlotSampling:
-    """Per-slot sampling arrays for `Engine.generate` (host numpy; changing them never recompiles).
-
-    temperature float32 [S] (0 = greedy), top_k int32 [S] (0 = all), top_p float32 [S] in (0, 1],
-    key_data uint32 [S, ...]: each slot's request key (`jax.random.key_data`).
-    """
-
-    temperature: np.ndarray
-    top_k: np.ndarray
-    top_p: np.ndarray
-    key_data: np.ndarray
-
-    @classmethod
-    def greedy(cls, max_slots: int) -> SlotSampling:
-        key = np.asarray(jax.random.key_data(jax.random.key(0)))
-        return cls(np.zeros(max_slots, np.float32), np.zeros(max_slots, np.int32), np.ones(max_slots, np.float32),
-                   np.zeros((max_slots,) + key.shape, key.dtype))
-
-    def set(self, slot: int, *, temperature: float, top_k: int, top_p: float, seed: int) -> None:
-        """Slot `slot` samples with these knobs and the key of `seed` (an int in [0, 2**63))."""
-        self.temperature[slot], self.top_k[slot], self.top_p[slot] = temperature, top_k, top_p
-        key = jax.random.fold_in(jax.random.key(seed % 2 ** 32), seed >> 32)  # keys take 32-bit seeds
-        self.key_data[slot] = np.asarray(jax.random.key_data(key))
-
-
-@dataclasses.dataclass(frozen=True)
-class StepResult:
-    """One `generate` step, host arrays over slots (entries of free slots mean nothing).
-
-    tokens int32 [S]; logprobs float32 [S], each token's log-probability under the model's unmodified
-    distribution; finished bool [S]: the slot's row is full, so this was the last token it can take;
-    top_tokens int32 / top_logprobs float32 [S, MAX_TOP_LOGPROBS]: the most likely tokens at the step,
-    when asked (`generate(..., top_logprobs=True)`), else None.
-    """
-
-    tokens: np.ndarray
-    logprobs: np.ndarray
-    finished: np.ndarray
-    top_tokens: np.ndarray | None = None
-    top_logprobs: np.ndarray | None = None
-
-    def emitted(self, slot: int) -> list[tuple[int, float, TopLogprobs]]:
-        """(token, logprob, top (token, logprob) pairs or ()) slot `slot` got this step, in order: one
-        here (speculative steps give more)."""
-        return [(int(self.tokens[slot]), float(self.logprobs[slot]), top_pairs(self.top_tokens, self.top_logprobs,
-                                                                                  (slot,)))]
-
-
-TopLogprobs = tuple[tuple[int, float], ...]
-
-
-def top_pairs(tokens: np.ndarray | None, logprobs: np.ndarray | None, index: tuple[int, ...]) -> TopLogprobs:
-    """The (token, logprob) pairs at `index` of top arrays [..., MAX_TOP_LOGPROBS]; () when not computed."""
-    if tokens is None:
-        return ()
-    return tuple((int(t), float(lp)) for t, lp in zip(tokens[index], logprobs[index]))
-
-
-def top_log_probs(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The MAX_TOP_LOGPROBS most likely tokens of float32 logits [..., V]: (ids int32, log-probs) [..., K]."""
-    values, ids = jax.lax.top_k(jax.nn.log_softmax(logits), min(MAX_TOP_LOGPROBS, logits.shape[-1]))
-    return ids.astype(jnp.int32), values
-
+# The step types are part of the engine's API: importable from here as well.
+from lmops_jax.serving.slots import (MAX_TOP_LOGPROBS, Prefix, SlotSampling, StepResult, TopLogprobs,  # noqa: F401
+                                     top_log_probs, top_pairs)
 
 class DecodeState(NamedTuple):
     cache: Cache  # the model's cache, every leaf [max_slots, ...]
@@ -206,13 +126,17 @@ class Engine:
         free device memory where the device reports it, else max_slots rows' worth.
       prefix_cache: reuse the keys/values of prompt blocks seen before (prompt-sharing models).
       prefix_cache_blocks: dense rows only: the prefix-cache pool's blocks (default max_slots rows' worth).
+      adapters: LoRA adapters served per slot (`models.multi_lora`): the stack's layout, whose
+        `slots` adapters are resident at once (`load_adapter`); a request's slot runs through the
+        adapter `insert` names (0: the base model). None: the base model only.
     """
 
     def __init__(self, model: BaseModel, params: Any, partitioner: Partitioner | None = None, *, max_slots: int,
                  max_length: int, max_prompt_length: int | None = None, min_prefill_bucket: int = 8,
                  prefill_buckets: Sequence[int] | None = None, kv_cache: str = "dense", block_size: int = 16,
                  kv_blocks: int | None = None, kv_cache_bytes: int | None = None, kv_memory_fraction: float = 0.9,
-                 prefix_cache: bool = False, prefix_cache_blocks: int | None = None):
+                 prefix_cache: bool = False, prefix_cache_blocks: int | None = None,
+                 adapters: AdapterLayout | None = None):
         if max_slots < 1 or max_length < 2:
             raise ValueError(f"Engine needs max_slots >= 1 and max_length >= 2, got {max_slots}, {max_length}")
         shares = model.prompt_shares_cache
@@ -243,20 +167,29 @@ class Engine:
         self.params = loading.place_params(model, params, self.partitioner)
         self.trace_counts: collections.Counter = collections.Counter()
         replicated = self.partitioner.replicated
+        self.adapter_layout = adapters
+        self._adapter_ids = np.zeros(max_slots, np.int32)  # each slot's adapter (0: none)
+        self.lora = None
+        if adapters is not None:
+            self._empty_lora = jax.jit(adapters.empty, out_shardings=replicated)
+            with self.partitioner.context():
+                self.lora = self._empty_lora()
+            self._write_slot_jit = jax.jit(write_slot, donate_argnums=0, out_shardings=replicated)
         cache_boxed = jax.eval_shape(lambda: self._new_cache(max_slots))
         row_boxed = jax.eval_shape(lambda: self._new_cache(1))
         self._state_shardings = DecodeState(self.partitioner.shardings_of_boxed(cache_boxed), replicated, replicated)
         self._row_shardings = self.partitioner.shardings_of_boxed(row_boxed)
         self._empty_row = jax.jit(lambda: _boxed_values(self._new_cache(1)), out_shardings=self._row_shardings)
-        self._prefill_jit = jax.jit(self._prefill_fn, donate_argnums=1,
+        self._prefill_jit = jax.jit(self._prefill_fn, donate_argnums=2,
                                     out_shardings=(replicated, self._row_shardings))
         self._insert_jit = jax.jit(self._insert_fn, donate_argnums=0, out_shardings=self._state_shardings)
-        self._step_jit = jax.jit(self._step_fn, donate_argnums=1, static_argnames=("with_top", "width"),
+        self._step_jit = jax.jit(self._step_fn, donate_argnums=2, static_argnames=("with_top", "width"),
                                  out_shardings=(self._state_shardings, replicated, replicated, replicated))
+        self._empty_state = jax.jit(lambda: DecodeState(
+            _boxed_values(self._new_cache(max_slots)), jnp.zeros((max_slots, model.vocab_size), jnp.float32),
+            jnp.zeros((max_slots,), jnp.int32)), out_shardings=self._state_shardings)
         with self.partitioner.context():
-            self._state = jax.jit(lambda: DecodeState(
-                _boxed_values(self._new_cache(max_slots)), jnp.zeros((max_slots, model.vocab_size), jnp.float32),
-                jnp.zeros((max_slots,), jnp.int32)), out_shardings=self._state_shardings)()
+            self._state = self._empty_state()
         self._occupied = np.zeros(max_slots, bool)
         self._room = np.zeros(max_slots, np.int64)  # tokens each slot can still emit
         self.lengths = np.zeros(max_slots, np.int64)  # positions each slot has written (its cache_index)
@@ -269,6 +202,40 @@ class Engine:
                 row_boxed, lambda: _boxed_values(self._new_cache(1)), self.partitioner, self._row_shardings,
                 num_blocks=self.prefix_cache_blocks, block_size=block_size, max_length=max_length,
                 max_prompt_length=self.max_prompt_length, trace_counts=self.trace_counts)
+
+    # ------------------------------------------------------------------------- device memory
+    def device_bytes(self) -> int:
+        """Bytes the engine holds on its devices: params, decode state (the KV cache), adapters, prefix pool."""
+        pool = self._prefix_pool.arrays() if self.prefix_cache_blocks else None
+        leaves = jax.tree.leaves((self.params, self._state, self.lora, pool))
+        return sum(leaf.size * leaf.dtype.itemsize for leaf in leaves)
+
+    def offload(self) -> None:
+        """Drops every device array (params, KV cache, adapters, prefix pool) and keeps the compiled
+        functions, so `reload` costs a transfer, not a compilation. Every slot must be free; adapters
+        and cached prefixes are gone afterwards."""
+        if self._occupied.any():
+            raise RuntimeError(f"offload: slots {np.flatnonzero(self._occupied).tolist()} are still decoding")
+        self.params = self._state = self.lora = None
+        if self.prefix_cache_blocks:
+            self._prefix_pool.release()
+
+    def reload(self, params: Any) -> None:
+        """Places `params` (e.g. host numpy) and fresh empty state after `offload`."""
+        self.params = loading.place_params(self.model, params, self.partitioner)
+        with self.partitioner.context():
+            self._state = self._empty_state()
+            if self.adapter_layout is not None:
+                self.lora = self._empty_lora()
+            if self.prefix_cache_blocks:
+                self._prefix_pool.reset()
+        if self.paged:
+            self._tables[:] = self.kv_blocks
+            self._tables_dirty = True
+
+    @property
+    def loaded(self) -> bool:
+        return self.params is not None
 
     def _new_cache(self, batch: int) -> Cache:
         """The model's empty cache for `batch` rows, boxed with its logical axes (paged: the shared pool)."""
@@ -298,7 +265,7 @@ class Engine:
         self._tables = np.full((self.max_slots, self.pages.pages_per_row(self.max_length)), self.kv_blocks, np.int32)
         self._tables_dirty = True
         self._table_sharding = jax.tree.leaves(self._state_shardings.cache[BLOCK_TABLE])[0]
-        self._paged_prefill_jit = jax.jit(self._paged_prefill_fn, donate_argnums=1,
+        self._paged_prefill_jit = jax.jit(self._paged_prefill_fn, donate_argnums=2,
                                           out_shardings=(replicated, self._state_shardings))
         self._paged_insert_jit = jax.jit(self._paged_insert_fn, donate_argnums=0, out_shardings=self._state_shardings)
 
@@ -337,10 +304,11 @@ class Engine:
             self._state = self._state._replace(cache={**self._state.cache, BLOCK_TABLE: table})
             self._tables_dirty = False
 
-    def _paged_prefill_fn(self, params, state: DecodeState, tokens, lengths, table, index):
+    def _paged_prefill_fn(self, params, lora, state: DecodeState, tokens, lengths, table, index, adapter):
         self.trace_counts[f"prefill_{tokens.shape[1]}"] += 1
         row = {**state.cache, CACHE_INDEX: index[None], BLOCK_TABLE: table[None]}
-        logits, row = self.model.prefill(params, tokens, lengths, row)
+        with per_row_adapters(lora, adapter[None]):
+            logits, row = self.model.prefill(params, tokens, lengths, row)
         cache = {**row, CACHE_INDEX: state.cache[CACHE_INDEX], BLOCK_TABLE: state.cache[BLOCK_TABLE]}
         return logits, state._replace(cache=cache)
 
@@ -357,11 +325,11 @@ class Engine:
         return self.row_limit - used
 
     def prefill(self, tokens: Sequence[int] | np.ndarray, true_length: int | None = None,
-                prefix: Prefix | None = None) -> Prefix:
+                prefix: Prefix | None = None, adapter: int = 0) -> Prefix:
         """Feeds tokens[:true_length] into a fresh row, or after the row of `prefix` (whose cache is then
         consumed): the Prefix with the logits predicting the next token. A fresh row needs the whole
         prompt unless the model's prompt shares the cache; longer than the largest bucket, it is fed in
-        chunks of that bucket."""
+        chunks of that bucket. adapter: the resident adapter slot the row runs through (0: none)."""
         tokens = np.asarray(tokens, np.int32).reshape(-1)
         true_length = len(tokens) if true_length is None else int(true_length)
         done = 0 if prefix is None else prefix.length
@@ -387,21 +355,24 @@ class Engine:
                 padded[0, :len(chunk)] = chunk
                 length = np.array([len(chunk)], np.int32)
                 if self.paged:
-                    logits, self._state = self._paged_prefill_jit(self.params, self._state, padded, length, table,
-                                                                  np.int32(done + start))
+                    logits, self._state = self._paged_prefill_jit(self.params, self.lora, self._state, padded, length,
+                                                                  table, np.int32(done + start), np.int32(adapter))
                 else:
-                    logits, cache = self._prefill_jit(self.params, cache, padded, length)
+                    logits, cache = self._prefill_jit(self.params, self.lora, cache, padded, length,
+                                                      np.int32(adapter))
         return Prefix(cache, logits, done + true_length, blocks=None if prefix is None else prefix.blocks)
 
-    def _prefill_fn(self, params, cache, tokens, lengths):
+    def _prefill_fn(self, params, lora, cache, tokens, lengths, adapter):
         self.trace_counts[f"prefill_{tokens.shape[1]}"] += 1
-        return self.model.prefill(params, tokens, lengths, cache)
+        with per_row_adapters(lora, adapter[None]):
+            return self.model.prefill(params, tokens, lengths, cache)
 
     # ---------------------------------------------------------------------------- slots and steps
-    def insert(self, prefix: Prefix, slot: int, steps: int = 0) -> None:
+    def insert(self, prefix: Prefix, slot: int, steps: int = 0, adapter: int = 0) -> None:
         """Writes the prefilled row into decode slot `slot` (which must be free); paged, the slot's table
         points at the prefix's blocks. steps: tokens the request generated before (a preempted request
-        resumes its sampling keys where it stopped)."""
+        resumes its sampling keys where it stopped); adapter: the resident adapter slot it decodes with
+        (the one it was prefilled with)."""
         if prefix.logits is None:
             raise ValueError("insert: the prefix has no logits yet; prefill at least one prompt token")
         if not 0 <= slot < self.max_slots or self._occupied[slot]:
@@ -415,6 +386,7 @@ class Engine:
                 self._state = self._insert_jit(self._state, prefix.cache, prefix.logits, np.int32(slot),
                                                np.int32(steps))
         self._occupied[slot] = True
+        self._adapter_ids[slot] = adapter
         self._room[slot] = self.capacity(prefix.length)
         self.lengths[slot] = prefix.length
 
@@ -430,6 +402,7 @@ class Engine:
         """Marks `slot` empty; its row is overwritten by the next insert (paged: its table is cleared,
         so its garbage steps write nowhere)."""
         self._occupied[slot] = False
+        self._adapter_ids[slot] = 0
         self.lengths[slot] = 0
         if self.paged:
             self.set_blocks(slot, [])
@@ -449,24 +422,34 @@ class Engine:
         self._sync_tables()
         with self.partitioner.context():
             self._state, tokens, logprobs, top = self._step_jit(
-                self.params, self._state, sampling.temperature, sampling.top_k, sampling.top_p, sampling.key_data,
-                with_top=top_logprobs, width=self.table_width())
+                self.params, self.lora, self._state, sampling.temperature, sampling.top_k, sampling.top_p,
+                sampling.key_data, self._adapter_ids, with_top=top_logprobs, width=self.table_width())
         self._room -= self._occupied
         self.lengths += self._occupied
         top_tokens, top_values = (np.asarray(top[0]), np.asarray(top[1])) if top_logprobs else (None, None)
         return StepResult(np.asarray(tokens), np.asarray(logprobs), self._occupied & (self._room <= 0),
                           top_tokens, top_values)
 
-    def _step_fn(self, params, state: DecodeState, temperature, top_k, top_p, key_data, with_top: bool,
-                 width: int | None):
+    def _step_fn(self, params, lora, state: DecodeState, temperature, top_k, top_p, key_data, adapter_ids,
+                 with_top: bool, width: int | None):
         self.trace_counts["generate_top" if with_top else "generate"] += 1
         keys = jax.vmap(lambda data, step: jax.random.fold_in(jax.random.wrap_key_data(data), step))(
             key_data, state.steps)
         tokens = decoding.sample_rows(state.logits, keys, temperature, top_k, top_p)
         logprobs = jnp.take_along_axis(jax.nn.log_softmax(state.logits), tokens[:, None], axis=-1)[:, 0]
         top = top_log_probs(state.logits) if with_top else None
-        logits, cache = self.model.decode_step(params, tokens, narrow_tables(state.cache, width))
+        with per_row_adapters(lora, adapter_ids):
+            logits, cache = self.model.decode_step(params, tokens, narrow_tables(state.cache, width))
         return DecodeState(restore_tables(cache, state.cache), logits, state.steps + 1), tokens, logprobs, top
+
+    def load_adapter(self, slot: int, adapter: Adapter) -> None:
+        """Makes `adapter` resident in adapter slot `slot` (1 ... layout.slots), replacing what was
+        there; rows decoding with that slot must have finished (the scheduler's residency sees to it)."""
+        if self.adapter_layout is None or not 1 <= slot <= self.adapter_layout.slots:
+            raise ValueError(f"load_adapter: no adapter slot {slot} (this engine has "
+                             f"{0 if self.adapter_layout is None else self.adapter_layout.slots})")
+        with self.partitioner.context():
+            self.lora = self._write_slot_jit(self.lora, np.int32(slot), self.adapter_layout.padded(adapter))
 
     # ------------------------------------------------------------------------- prefix-cache blocks
     def load_prefix(self, block_ids: Sequence[int]) -> Prefix:

@@ -8,7 +8,9 @@ recently used cached block is evicted first when a new block is needed. A chain 
 first, so a prefix's tail is evicted before its head.
 
 Prefix caching: full blocks of a prompt are keyed by hash(key of the block before, its tokens, model
-id), so a key names the whole prefix up to the block's end and prompts sharing a prefix share keys.
+id), so a key names the whole prefix up to the block's end and prompts sharing a prefix share keys. A
+prompt read through a LoRA adapter passes the adapter's name (`namespace`): its first block's parent
+is then the namespace, so its blocks never match the base model's or another adapter's.
 `match` finds the longest cached run of a prompt's leading blocks, stopping one token short of its
 end (the last token is always fed: its logits start the generation).
 
@@ -113,9 +115,10 @@ class BlockPool:
                     self._evictable[block_id] = None
 
     # ----------------------------------------------------------------------- prefix caching
-    def _chain(self, prompt: Sequence[int], count: int) -> list[tuple[Key, Key | None, tuple[int, ...]]]:
-        """(key, parent key, tokens) of the first `count` full blocks of `prompt`."""
-        out, parent = [], None
+    def _chain(self, prompt: Sequence[int], count: int,
+               namespace: str | None = None) -> list[tuple[Key, Key | None, tuple[int, ...]]]:
+        """(key, parent key, tokens) of the first `count` full blocks of `prompt` (read in `namespace`)."""
+        out, parent = [], None if namespace is None else hash(("namespace", namespace, self.model_id))
         for j in range(count):
             tokens = tuple(prompt[j * self.block_size:(j + 1) * self.block_size])
             key = hash((parent, tokens, self.model_id))
@@ -136,12 +139,12 @@ class BlockPool:
         block.key, block.parent, block.tokens = key, parent, tokens
         self._by_key[key] = block_id
 
-    def match(self, prompt: Sequence[int]) -> list[int]:
+    def match(self, prompt: Sequence[int], namespace: str | None = None) -> list[int]:
         """Blocks of the longest cached run of `prompt`'s leading full blocks (short of its last token),
         now referenced by the caller until `release`. Counts nothing (`record_lookup`)."""
         found = []
         if self.prefix_caching:
-            for key, parent, tokens in self._chain(prompt, (len(prompt) - 1) // self.block_size):
+            for key, parent, tokens in self._chain(prompt, (len(prompt) - 1) // self.block_size, namespace):
                 block_id = self._cached(key, parent, tokens)
                 if block_id is None:
                     break
@@ -155,17 +158,18 @@ class BlockPool:
         self.queries += prompt_tokens
         self.hits += hit_blocks * self.block_size
 
-    def publish(self, prompt: Sequence[int], block_ids: Sequence[int]) -> None:
+    def publish(self, prompt: Sequence[int], block_ids: Sequence[int], namespace: str | None = None) -> None:
         """Paged rows: caches the prefilled prompt's own full blocks (block j of the prompt is block_ids[j]),
         those not cached yet; a key another block already caches stays with that block."""
         if not self.prefix_caching:
             return
         count = min(len(prompt) // self.block_size, len(block_ids))
-        for block_id, (key, parent, tokens) in zip(block_ids, self._chain(prompt, count)):
+        for block_id, (key, parent, tokens) in zip(block_ids, self._chain(prompt, count, namespace)):
             if self._blocks[block_id].key is None and key not in self._by_key:
                 self._cache(block_id, key, parent, tokens)
 
-    def cache_prompt(self, prompt: Sequence[int], held: Sequence[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    def cache_prompt(self, prompt: Sequence[int], held: Sequence[int],
+                     namespace: str | None = None) -> tuple[list[int], list[tuple[int, int]]]:
         """Dense rows: caches the full blocks of a prefilled prompt after the `held` ones (its `match`).
 
         Returns (every block the caller now holds, `held` first; the copies (block index j in the prompt,
@@ -173,7 +177,7 @@ class BlockPool:
         when no block can be allocated, caching stops there.
         """
         held_blocks, copies = list(held), []
-        for j, (key, parent, tokens) in enumerate(self._chain(prompt, len(prompt) // self.block_size)):
+        for j, (key, parent, tokens) in enumerate(self._chain(prompt, len(prompt) // self.block_size, namespace)):
             if j < len(held):
                 continue
             block_id = self._cached(key, parent, tokens)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -75,28 +75,28 @@ def _1_2_5_buckets(max_value: int) -> tuple[int, ...]:
 
 
 class SchedulerCollector(Collector):
-    """Gauges and counters read from `stats()` (a SchedulerStats) when Prometheus scrapes."""
+    """Gauges and counters read from `stats_by_model()` ({model name: SchedulerStats} of the resident
+    models) when Prometheus scrapes."""
 
-    def __init__(self, stats: Callable[[], Any], model_name: str):
-        self._stats = stats
-        self._model_name = model_name
+    def __init__(self, stats_by_model: Callable[[], Mapping[str, Any]]):
+        self._stats = stats_by_model
 
-    def _families(self, stats: Any) -> Iterator[Metric]:
+    def _families(self, by_model: Mapping[str, Any]) -> Iterator[Metric]:
         for family_cls, table in ((GaugeMetricFamily, GAUGES), (CounterMetricFamily, COUNTERS)):
             for name, field, doc in table:
                 family = family_cls(name, doc, labels=[LABEL])
-                if stats is not None:
-                    family.add_metric([self._model_name], float(getattr(stats, field)))
+                for model_name, stats in by_model.items():
+                    family.add_metric([model_name], float(getattr(stats, field)))
                 yield family
         success = CounterMetricFamily("vllm:request_success", "Count of successfully processed requests.",
                                       labels=[LABEL, "finished_reason"])
-        finished = {} if stats is None else stats.finished
-        for reason, label in FINISHED_REASONS.items():
-            success.add_metric([self._model_name, label], float(finished.get(reason, 0)))
+        for model_name, stats in by_model.items():
+            for reason, label in FINISHED_REASONS.items():
+                success.add_metric([model_name, label], float(stats.finished.get(reason, 0)))
         yield success
 
     def describe(self) -> Iterator[Metric]:
-        return self._families(None)
+        return self._families({})
 
     def collect(self) -> Iterator[Metric]:
         return self._families(self._stats())
@@ -118,40 +118,45 @@ class RequestTimer:
 class ServerMetrics:
     """The metrics of one server (module docstring); `exposition()` is the /metrics body."""
 
-    def __init__(self, model_name: str, stats: Callable[[], Any], max_length: int):
+    def __init__(self, model_name: str, stats_by_model: Callable[[], Mapping[str, Any]], max_length: int):
         self.registry = CollectorRegistry()
         self.model_name = model_name
         common = dict(labelnames=[LABEL], registry=self.registry)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
-                              buckets=TTFT_BUCKETS, **common).labels(model_name)
+                              buckets=TTFT_BUCKETS, **common)
         self.tpot = Histogram("vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds.",
-                              buckets=TPOT_BUCKETS, **common).labels(model_name)
+                              buckets=TPOT_BUCKETS, **common)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
-                             buckets=LATENCY_BUCKETS, **common).labels(model_name)
+                             buckets=LATENCY_BUCKETS, **common)
         token_buckets = _1_2_5_buckets(max_length)
         self.prompt_hist = Histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.",
-                                     buckets=token_buckets, **common).labels(model_name)
+                                     buckets=token_buckets, **common)
         self.generation_hist = Histogram("vllm:request_generation_tokens", "Number of generation tokens processed.",
-                                         buckets=token_buckets, **common).labels(model_name)
+                                         buckets=token_buckets, **common)
+        for histogram in (self.ttft, self.tpot, self.e2e, self.prompt_hist, self.generation_hist):
+            histogram.labels(model_name)  # the default model's series exist from the start
         self._rejected = Counter("lmops:requests_rejected", "Requests refused: queue_full (429), invalid (400), "
                                  "unhealthy (503).", labelnames=[LABEL, "reason"], registry=self.registry)
         for reason in REJECT_REASONS:
             self._rejected.labels(model_name, reason)
-        self.registry.register(SchedulerCollector(stats, model_name))
+        self.registry.register(SchedulerCollector(stats_by_model))
 
     def reject(self, reason: str) -> None:
         self._rejected.labels(self.model_name, reason).inc()
 
-    def finish(self, timer: RequestTimer, prompt_tokens: int, generated_tokens: int) -> None:
-        """Records a request that ran to its end: its latencies and token counts."""
+    def finish(self, timer: RequestTimer, prompt_tokens: int, generated_tokens: int,
+               model_name: str | None = None) -> None:
+        """Records a request that ran to its end (for `model_name`, a model or adapter; None: the default
+        model): its latencies and token counts."""
+        label = model_name or self.model_name
         now = time.monotonic()
-        self.e2e.observe(now - timer.arrival)
+        self.e2e.labels(label).observe(now - timer.arrival)
         if timer.first_token is not None:
-            self.ttft.observe(timer.first_token - timer.arrival)
+            self.ttft.labels(label).observe(timer.first_token - timer.arrival)
             if timer.tokens > 1:
-                self.tpot.observe((now - timer.first_token) / (timer.tokens - 1))
-        self.prompt_hist.observe(prompt_tokens)
-        self.generation_hist.observe(generated_tokens)
+                self.tpot.labels(label).observe((now - timer.first_token) / (timer.tokens - 1))
+        self.prompt_hist.labels(label).observe(prompt_tokens)
+        self.generation_hist.labels(label).observe(generated_tokens)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

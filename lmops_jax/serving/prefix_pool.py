@@ -50,10 +50,22 @@ class PrefixPool:
                  for (_, box), pos in zip(leaves, self._positional) if pos]
         names = [(None,) + tuple(box.names[1:]) for (_, box), pos in zip(leaves, self._positional) if pos]
         shardings = [partitioner.sharding(n, p.shape) for n, p in zip(names, pools)]
-        self._pool = jax.jit(lambda: [jnp.zeros(p.shape, p.dtype) for p in pools], out_shardings=shardings)()
+        self._zeros = jax.jit(lambda: [jnp.zeros(p.shape, p.dtype) for p in pools], out_shardings=shardings)
+        self._pool = self._zeros()
         self._max_blocks = max_prompt_length // block_size
         self._load_jit = jax.jit(self._load_fn, out_shardings=row_shardings)
         self._store_jit = jax.jit(self._store_fn, donate_argnums=0, out_shardings=shardings)
+
+    def arrays(self) -> list[jax.Array] | None:
+        """The pool's device arrays (None while released)."""
+        return self._pool
+
+    def release(self) -> None:
+        """Drops the pool's device memory (what it cached is gone); `reset` makes an empty one again."""
+        self._pool = None
+
+    def reset(self) -> None:
+        self._pool = self._zeros()
 
     def _padded_ids(self, ids: Sequence[int], fill: int) -> np.ndarray:
         if len(ids) > self._max_blocks:

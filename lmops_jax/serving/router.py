@@ -108,6 +108,10 @@ class ReplicaRouter:
         return any(r.healthy for r in self.replicas)
 
     @property
+    def idle(self) -> bool:
+        return all(r.idle for r in self.replicas)
+
+    @property
     def error(self) -> str | None:
         return combined_stats([r.stats() for r in self.replicas]).error
 
@@ -123,11 +127,11 @@ class ReplicaRouter:
             replica.stop(drain, timeout)
 
     def submit(self, prompt_tokens: Sequence[int], params: SamplingParams | None = None,
-               request_id: str | None = None) -> RequestHandle:
+               request_id: str | None = None, adapter: str | None = None) -> RequestHandle:
         """Submits to the replica the routing picks; raises as `Scheduler.submit` does."""
         with self._lock:
             index = self._choose(prompt_tokens)
-            handle = self.replicas[index].submit(prompt_tokens, params, request_id)
+            handle = self.replicas[index].submit(prompt_tokens, params, request_id, adapter)
             self.routed[index] += 1
         return handle
 

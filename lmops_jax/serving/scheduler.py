@@ -42,6 +42,7 @@ import time
 import uuid
 from typing import Callable, Sequence
 
+from lmops_jax.serving.adapters import AdapterResidency
 from lmops_jax.serving.engine import Engine, Prefix, SlotSampling
 from lmops_jax.serving.kv_blocks import BlockPool
 from lmops_jax.serving.speculative import SpeculativeStepResult
@@ -85,7 +86,9 @@ class _Request:
     handle: RequestHandle
     deadline: float
     seed: int
+    adapter: str | None = None  # the LoRA adapter it runs through (None: the base model)
     slot: int | None = None
+    adapter_slot: int = 0  # while admitted: the engine's adapter slot holding `adapter`
     prefix: Prefix | None = None
     row: list[int] = dataclasses.field(default_factory=list)  # what is prefilled: prompt + tokens before a preemption
     blocks: list[int] = dataclasses.field(default_factory=list)  # block-pool blocks referenced
@@ -107,16 +110,21 @@ class Scheduler:
         streaming while a long prompt is fed.
       request_timeout_s: default SamplingParams.timeout_s (None: no limit).
       model_id: part of the prefix-cache keys (a checkpoint or adapter name).
+      adapters: the LoRA adapters requests may name (`serving.adapters`); a request is admitted once its
+        adapter holds one of the engine's adapter slots, requests whose adapter must wait for a slot
+        letting later ones pass.
     """
 
     def __init__(self, engine: Engine, *, max_queue: int = 64, eos_id: int | None = None,
                  detokenize: Callable[[list[int]], str] | None = None, prefill_chunk: int | None = None,
-                 request_timeout_s: float | None = None, model_id: str = ""):
+                 request_timeout_s: float | None = None, model_id: str = "",
+                 adapters: AdapterResidency | None = None):
         if max_queue < 1 or (prefill_chunk is not None and prefill_chunk < 1):
             raise ValueError(f"Scheduler needs max_queue >= 1 and prefill_chunk None or >= 1, got {max_queue}, "
                              f"{prefill_chunk}")
         self.engine, self.max_queue, self.eos_id = engine, max_queue, eos_id
         self.detokenize, self.prefill_chunk, self.request_timeout_s = detokenize, prefill_chunk, request_timeout_s
+        self.adapters = adapters
         pool_blocks = engine.kv_blocks if engine.paged else engine.prefix_cache_blocks
         self.blocks = (BlockPool(pool_blocks, engine.block_size, prefix_caching=engine.prefix_caching,
                                  model_id=model_id) if pool_blocks else None)
@@ -138,15 +146,19 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------ public API
     def submit(self, prompt_tokens: Sequence[int], params: SamplingParams | None = None,
-               request_id: str | None = None) -> RequestHandle:
-        """Queues a request; raises RequestError (bad input), QueueFull, or SchedulerUnavailable."""
+               request_id: str | None = None, adapter: str | None = None) -> RequestHandle:
+        """Queues a request (through LoRA adapter `adapter`, None: the base model); raises RequestError
+        (bad input), QueueFull, or SchedulerUnavailable."""
         params = params or SamplingParams()
         prompt = check_request(prompt_tokens, params, self.engine, has_text=self.detokenize is not None)
+        if adapter is not None and (self.adapters is None or adapter not in self.adapters.sources):
+            known = sorted(self.adapters.sources) if self.adapters else []
+            raise RequestError("model", f"no adapter {adapter!r} on this model (adapters: {known})")
         request_id = request_id or uuid.uuid4().hex
         timeout = params.timeout_s if params.timeout_s is not None else self.request_timeout_s
         request = _Request(request_id, prompt, params, RequestHandle(request_id),
                            math.inf if timeout is None else time.monotonic() + timeout,
-                           secrets.randbits(63) if params.seed is None else params.seed)
+                           secrets.randbits(63) if params.seed is None else params.seed, adapter)
         with self._lock:
             if not self.healthy or self._stopping:
                 raise SchedulerUnavailable(self.error or "the scheduler is stopping")
@@ -186,6 +198,12 @@ class Scheduler:
         while drain and self.step():
             pass
         self._end_all("cancelled")
+
+    @property
+    def idle(self) -> bool:
+        """No request waiting, prefilling or running."""
+        with self._lock:
+            return not self._live
 
     def stats(self) -> SchedulerStats:
         with self._lock:
@@ -245,11 +263,14 @@ class Scheduler:
             with self._lock:
                 if not self._waiting or not self._free_slots or (self._stopping and not self._drain):
                     return
-                request = self._waiting[0]
+                request = self._first_with_adapter()
+                if request is None:
+                    return  # every waiting request's adapter waits for an adapter slot
                 request.row = request.prompt + request.tokens
                 if self.engine.paged and not self._take_prompt_blocks(request):
+                    self._release_adapter(request)
                     return  # FIFO: the head waits for blocks
-                self._waiting.popleft()
+                self._waiting.remove(request)
                 request.slot = self._free_slots.popleft()
             self._prefilling.append(request)
             request.admitted = self._counts["admitted"]
@@ -259,10 +280,26 @@ class Scheduler:
             if self.blocks is not None and not self.engine.paged:
                 self._guard(request, self._load_cached_prefix, request)
 
+    def _first_with_adapter(self) -> _Request | None:
+        """The first waiting request whose adapter (if any) now holds an adapter slot, which it keeps."""
+        for request in self._waiting:
+            if request.adapter is None:
+                return request
+            slot = self.adapters.acquire(request.adapter)
+            if slot is not None:
+                request.adapter_slot = slot
+                return request
+        return None
+
+    def _release_adapter(self, request: _Request) -> None:
+        if request.adapter is not None and request.adapter_slot:
+            self.adapters.release(request.adapter)
+            request.adapter_slot = 0
+
     def _take_prompt_blocks(self, request: _Request) -> bool:
         """Paged: references the row's cached leading blocks and allocates the rest; False (nothing
         held) when the pool cannot give them now."""
-        hit = self.blocks.match(request.row)
+        hit = self.blocks.match(request.row, request.adapter)
         fresh = self.blocks.allocate(self.blocks.blocks_for(len(request.row)) - len(hit))
         if fresh is None:
             self.blocks.release(hit)
@@ -274,7 +311,7 @@ class Scheduler:
         return True
 
     def _load_cached_prefix(self, request: _Request) -> None:
-        request.blocks = self.blocks.match(request.row)
+        request.blocks = self.blocks.match(request.row, request.adapter)
         self.blocks.record_lookup(len(request.row), len(request.blocks))
         if request.blocks:
             request.prefix = self.engine.load_prefix(request.blocks)
@@ -298,21 +335,22 @@ class Scheduler:
                 self._engine_call(self._start_decoding, request)
 
     def _prefill(self, request: _Request, done: int, take: int) -> None:
-        request.prefix = self.engine.prefill(request.row[done:done + take], take, request.prefix)
+        request.prefix = self.engine.prefill(request.row[done:done + take], take, request.prefix,
+                                             request.adapter_slot)
 
     def _start_decoding(self, request: _Request) -> None:
         """Caches the prompt's new blocks and moves the request into its slot."""
         if self.engine.paged:
-            self.blocks.publish(request.row, request.blocks)
+            self.blocks.publish(request.row, request.blocks, request.adapter)
         elif self.blocks is not None:
-            request.blocks, copies = self.blocks.cache_prompt(request.row, request.blocks)
+            request.blocks, copies = self.blocks.cache_prompt(request.row, request.blocks, request.adapter)
             self.engine.save_blocks(request.prefix, copies)
             self.blocks.release(request.blocks)
             request.blocks = []
         params = request.params
         self._sampling.set(request.slot, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                            seed=request.seed)
-        self.engine.insert(request.prefix, request.slot, steps=len(request.tokens))
+        self.engine.insert(request.prefix, request.slot, steps=len(request.tokens), adapter=request.adapter_slot)
         request.prefix = None
         self._prefilling.remove(request)
         self._running[request.slot] = request
@@ -339,6 +377,7 @@ class Scheduler:
         del self._running[request.slot]
         self.engine.free(request.slot)
         self.blocks.release(request.blocks)
+        self._release_adapter(request)
         request.blocks, request.prefix = [], None
         with self._lock:
             self._free_slots.append(request.slot)
@@ -402,6 +441,7 @@ class Scheduler:
         if request.blocks:
             self.blocks.release(request.blocks)
             request.blocks = []
+        self._release_adapter(request)
         if request in self._prefilling:
             self._prefilling.remove(request)
         if self._running.get(request.slot) is request:

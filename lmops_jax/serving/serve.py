@@ -24,33 +24,38 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 
-from lmops_jax import checkpoints
 from lmops_jax.cli import gin_flags
 from lmops_jax.cli import runner
 from lmops_jax.models import loading
 from lmops_jax.partitioning import Partitioner
-from lmops_jax.serving import chat_template as chat_template_lib
-from lmops_jax.serving import speculative
+from lmops_jax.serving import builder, model_cache, speculative
+from lmops_jax.serving.adapters import model_dir_of
 from lmops_jax.serving.engine import Engine
+from lmops_jax.serving.model_cache import ModelCache, ServedModel
 from lmops_jax.serving.router import ROUTINGS, ReplicaCollector, ReplicaRouter, device_groups
-from lmops_jax.serving.scheduler import SamplingParams, Scheduler
+from lmops_jax.serving.scheduler import SamplingParams, Scheduler  # noqa: F401 - SamplingParams: part of its API
 from lmops_jax.serving.server import build_app
 from lmops_jax.serving.tokenizer import Tokenizer
 
-DEFAULT_MAX_LENGTH = 2048
-WARMUP_TIMEOUT_S = 600.0
 
 
 @dataclasses.dataclass(frozen=True)
 class Server:
-    """What `serve` runs: the scheduler (its thread runs the engine; with NUM_REPLICAS > 1 the router over
-    the replicas' schedulers), the prompt tokenizer, the FastAPI app over them, the model name clients
-    use, and every replica's scheduler (the warm-up reaches each)."""
+    """What `serve` runs: the default model's scheduler (its thread runs the engine; with NUM_REPLICAS > 1
+    the router over the replicas' schedulers), its prompt tokenizer, the FastAPI app, the default model's
+    name, every replica's scheduler (the warm-up reaches each) and the model cache holding every model
+    and adapter (`serving.model_cache`)."""
     scheduler: Scheduler | ReplicaRouter
     tokenizer: Tokenizer
     app: Any
     name: str
     replicas: tuple[Scheduler, ...]
+    models: ModelCache
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stops every resident model's scheduler, the default model's included (waiting up to `timeout` s
+        for each)."""
+        self.models.stop(drain=drain, timeout=timeout)
 
 
 def check_arguments(checkpoint_path: Any, *, port: Any = 0, max_slots: Any = 1, max_queue: Any = 1,
@@ -65,15 +70,6 @@ def check_arguments(checkpoint_path: Any, *, port: Any = 0, max_slots: Any = 1, 
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if routing not in ROUTINGS:
         raise ValueError(f"ROUTING must be one of {ROUTINGS}, got {routing!r}")
-
-
-def _chat_template(spec_vocabulary: Any) -> chat_template_lib.ChatTemplate:
-    """The model's own template when its Hugging Face tokenizer files carry one, else SIMPLE."""
-    if spec_vocabulary is not None and spec_vocabulary.kind == "hf_tokenizer":
-        own = chat_template_lib.from_tokenizer_dir(os.path.dirname(spec_vocabulary.path))
-        if own is not None:
-            return own
-    return chat_template_lib.SIMPLE
 
 
 @contextlib.contextmanager
@@ -122,8 +118,14 @@ def serve(
     drain_timeout_s: float | None = 30.0,
     num_replicas: int = 1,
     routing: str = "least_outstanding",
+    models: Mapping[str, str] | None = None,
+    adapters: Mapping[str, str] | None = None,
+    max_resident_models: int | None = None,
+    model_memory_bytes: int | None = None,
+    max_resident_adapters: int = 4,
+    max_lora_rank: int | None = None,
 ) -> None:
-    """Serves the checkpoint's model over HTTP until SIGTERM / SIGINT (module docstring).
+    """Serves the checkpoint's model (and MODELS, ADAPTERS) over HTTP until SIGTERM / SIGINT (module docstring).
 
     Args:
       checkpoint_path: MODEL_DIR, its checkpoints folder or a step folder (CHECKPOINT_PATH).
@@ -154,6 +156,14 @@ def serve(
       num_replicas: engines on disjoint groups of this process's devices, each of the mesh_shape's size
         (one device without a mesh), behind a router (NUM_REPLICAS; `serving.router`).
       routing: how the router picks a replica: 'least_outstanding' or 'prefix_affinity' (ROUTING).
+      models: more models, name -> checkpoint (MODELS), loaded when a request names them and evicted
+        least recently used (`serving.model_cache`); one engine each, on the first replica's devices.
+      adapters: LoRA adapters, name -> the MODEL_DIR of a LoRA run whose INITIAL_CHECKPOINT_PATH is a
+        served model (ADAPTERS); requests naming one run through it on that model's engine.
+      max_resident_models, model_memory_bytes: how many models may be resident at once, and the device
+        bytes they may hold together (MAX_RESIDENT_MODELS, MODEL_MEMORY_BYTES; None: no limit).
+      max_resident_adapters: adapters resident per engine at once (MAX_RESIDENT_ADAPTERS).
+      max_lora_rank: the largest adapter rank served (MAX_LORA_RANK; None: the largest of ADAPTERS').
     """
     check_arguments(checkpoint_path, port=port, max_slots=max_slots, max_queue=max_queue, num_replicas=num_replicas,
                     routing=routing)
@@ -162,13 +172,15 @@ def serve(
         kv_cache=kv_cache, kv_cache_bytes=kv_cache_bytes, block_size=block_size,
         prefill_chunk=prefill_chunk, request_timeout_s=request_timeout_s, dtype=dtype, mesh_shape=mesh_shape,
         logical_axis_rules=logical_axis_rules, model_name=model_name, draft_checkpoint=draft_checkpoint,
-        num_draft_tokens=num_draft_tokens, num_replicas=num_replicas, routing=routing)
+        num_draft_tokens=num_draft_tokens, num_replicas=num_replicas, routing=routing, models=models,
+        adapters=adapters, max_resident_models=max_resident_models, model_memory_bytes=model_memory_bytes,
+        max_resident_adapters=max_resident_adapters, max_lora_rank=max_lora_rank)
     server.scheduler.start()
     try:
         warm_up(server)
         _run_until_signal(server, host, port, drain_timeout_s)
     finally:
-        server.scheduler.stop(drain=True)
+        server.stop(drain=True)
     logging.info("server stopped")
 
 
@@ -177,17 +189,29 @@ def build_server(checkpoint_path: str, *, max_slots: int, max_queue: int, max_le
                  prefill_chunk: int | None, request_timeout_s: float | None, dtype: str | None,
                  mesh_shape: Mapping[str, int] | None, logical_axis_rules: Any,
                  model_name: str | None, draft_checkpoint: str | None = None, num_draft_tokens: int = 4,
-                 num_replicas: int = 1, routing: str = "least_outstanding") -> Server:
-    """The server of a checkpoint, its schedulers not started yet (args as for `serve`)."""
+                 num_replicas: int = 1, routing: str = "least_outstanding", models: Mapping[str, str] | None = None,
+                 adapters: Mapping[str, str] | None = None, max_resident_models: int | None = None,
+                 model_memory_bytes: int | None = None, max_resident_adapters: int = 4,
+                 max_lora_rank: int | None = None) -> Server:
+    """The server of a checkpoint (and MODELS, ADAPTERS), the default model's schedulers not started yet
+    (args as for `serve`)."""
+    options = builder.ServingOptions(
+        max_slots=max_slots, max_queue=max_queue, max_length=max_length, prefix_cache=prefix_cache,
+        kv_cache=kv_cache, kv_cache_bytes=kv_cache_bytes, block_size=block_size, prefill_chunk=prefill_chunk,
+        request_timeout_s=request_timeout_s, dtype=dtype, max_resident_adapters=max_resident_adapters,
+        max_lora_rank=max_lora_rank)
     spec = loading.read_spec(checkpoint_path)
     model = loading.with_dtype(spec.model, dtype)
-    max_length = max_length or model.max_length or DEFAULT_MAX_LENGTH
     if prefix_cache and not model.prompt_shares_cache:
         logging.info("PREFIX_CACHE: %s encodes its whole prompt at once, so it is served without a prefix cache",
                      type(model).__name__)
-    engine_args = dict(max_slots=max_slots, max_length=max_length, kv_cache=kv_cache, kv_cache_bytes=kv_cache_bytes,
-                       block_size=block_size, prefix_cache=prefix_cache and model.prompt_shares_cache)
+    name = served_name(checkpoint_path, model_name)
+    others = _check_models(models, name)
     partitioners = _partitioners(mesh_shape, logical_axis_rules, num_replicas)
+    model_dirs = {name: model_dir_of(checkpoint_path), **{n: model_dir_of(c) for n, c in others.items()}}
+    by_model = builder.assign_adapters(builder.read_adapters(adapters), model_dirs)
+    own_adapters = by_model.get(name, {})
+    layout = builder.adapter_layout(model, partitioners[0], own_adapters, options)
     # read once, onto the first replica's devices; each Engine places a copy on its own (`place_params`)
     params = loading.restore_params(checkpoint_path, model, partitioners[0])
     engine_cls, draft_args = Engine, {}
@@ -198,25 +222,40 @@ def build_server(checkpoint_path: str, *, max_slots: int, max_queue: int, max_le
         draft_args = dict(draft_model=draft_model, num_draft_tokens=num_draft_tokens,
                           draft_params=loading.restore_params(draft_checkpoint, draft_model, partitioners[0]))
     tokenizer = Tokenizer.from_spec(spec, model)
-    replicas = tuple(
-        Scheduler(engine_cls(model, params, partitioner, **engine_args, **draft_args), max_queue=max_queue,
-                  eos_id=tokenizer.stop_id, detokenize=tokenizer.decode, prefill_chunk=prefill_chunk,
-                  request_timeout_s=request_timeout_s, model_id=_model_dir(checkpoint_path))
-        for partitioner in partitioners)
-    name = served_name(checkpoint_path, model_name)
+    host_adapters: dict = {}
+    engines = [engine_cls(model, params, partitioner, **options.engine_args(model), adapters=layout, **draft_args)
+               for partitioner in partitioners]
+    replicas = tuple(options.scheduler(engine, tokenizer, model_dirs[name], own_adapters, host_adapters)
+                     for engine in engines)
     scheduler = replicas[0] if num_replicas == 1 else ReplicaRouter(replicas, routing, block_size)
+    template = builder.chat_template(spec.vocabulary)
+    default = ServedModel(name, checkpoint_path, tokenizer, template, options.length_for(model), adapters=own_adapters,
+                          scheduler=scheduler, engines=engines)
+    entries = [default] + [builder.lazy_model(n, c, options, partitioners[0], by_model.get(n, {}))
+                           for n, c in others.items()]
+    cache = ModelCache(entries, max_resident=max_resident_models, memory_bytes=model_memory_bytes,
+                       prompt=tokenizer.prompt("Hi"))
     collectors = [ReplicaCollector(scheduler, name)] if num_replicas > 1 else []
-    app = build_app(scheduler, tokenizer, name, chat_template=_chat_template(spec.vocabulary), collectors=collectors)
-    return Server(scheduler, tokenizer, app, name, replicas)
+    app = build_app(None, None, None, models=cache, collectors=collectors)
+    return Server(scheduler, tokenizer, app, name, replicas, cache)
 
 
-def _model_dir(checkpoint_path: str) -> str:
-    return os.path.dirname(checkpoints.resolve(checkpoint_path)[0])
+def _check_models(models: Mapping[str, str] | None, default_name: str) -> dict[str, str]:
+    """MODELS as a dict of name -> checkpoint; ValueError names a bad entry or a clash with the default."""
+    if models is None:
+        return {}
+    if not isinstance(models, Mapping) or not all(isinstance(k, str) and k and isinstance(v, str)
+                                                  for k, v in models.items()):
+        raise ValueError(f"MODELS must be a dict of name -> checkpoint path, got {models!r}")
+    if default_name in models:
+        raise ValueError(f"MODELS names {default_name!r}, the default model's name (MODEL_NAME or CHECKPOINT_PATH's "
+                         "directory); give it another name")
+    return dict(models)
 
 
 def served_name(checkpoint_path: str, model_name: str | None) -> str:
     """What clients pass as `model`: MODEL_NAME, else the model directory's name."""
-    return model_name or os.path.basename(_model_dir(checkpoint_path))
+    return model_name or os.path.basename(model_dir_of(checkpoint_path))
 
 
 def _partitioners(mesh_shape: Mapping[str, int] | None, logical_axis_rules: Any,
@@ -232,13 +271,11 @@ def _partitioners(mesh_shape: Mapping[str, int] | None, logical_axis_rules: Any,
 
 
 def warm_up(server: Server) -> None:
-    """One tiny request per replica, so the first client does not wait for the compilation; an engine
-    that fails here fails the job."""
+    """One tiny request per replica of the default model, so the first client does not wait for the
+    compilation; an engine that fails here fails the job. (Other models warm up as they load.)"""
     prompt = server.tokenizer.prompt("Hi")
     for replica in server.replicas:
-        _, reason = replica.submit(prompt, SamplingParams(max_tokens=2)).result(WARMUP_TIMEOUT_S)
-        if reason == "error":
-            raise RuntimeError(f"the engine failed on a warm-up request: {replica.error}")
+        model_cache.warm_up(replica, prompt)
 
 
 def _run_until_signal(server: Server, host: str, port: int, drain_timeout_s: float | None) -> None:

@@ -6,14 +6,20 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions (bodies in `api`), GET /v1/models,
 GET /health, GET /metrics (Prometheus text, `metrics`).
 
+Several models and LoRA adapters (`serving.model_cache`): a request's `model` names one of them (None:
+the default model); its tokenizer, chat template and scheduler serve it, a model not resident is
+loaded first (in a worker thread, so the event loop keeps serving), and an adapter's requests go to its
+base model's scheduler, which runs them through the adapter.
+
 The app only translates: it tokenizes, submits each of the request's `n` choices to the scheduler
 (whose thread runs the engine) and reads their events with `RequestHandle.aiter_events()`, so no
 handler blocks the event loop and nothing a handler does waits on the engine loop or holds it up.
 Statuses:
   400  a bad body or a prompt the model cannot take; the error's `param` names the field.
-  404  a `model` other than the served one (OpenAI's model_not_found).
+  404  a `model` no served model or adapter has (OpenAI's model_not_found), listing the known names.
   429  the scheduler's queue is full (`QueueFull`), with Retry-After; nothing of the request runs.
-  503  the engine failed or the server is stopping (`/health` says so too).
+  503  the engine failed or the server is stopping (`/health` says so too); a model that cannot be
+       loaded now (`ModelsBusy`, with Retry-After) or failed to load.
 With `stream: true` the answer is server-sent events, one `data: {chunk}` per token and a last one per
 choice with its finish reason (and a `usage` chunk when `stream_options.include_usage`), ending in
 `data: [DONE]`; an engine failure mid-stream sends `data: {"error": ...}`, which the openai client
@@ -40,6 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmops_jax.serving import api
 from lmops_jax.serving.chat_template import SIMPLE, ChatTemplate
 from lmops_jax.serving.metrics import CONTENT_TYPE, RequestTimer, ServerMetrics
+from lmops_jax.serving.model_cache import ModelCache, ModelsBusy, ServedModel, UnknownModel
 from lmops_jax.serving.scheduler import (Event, FinishEvent, QueueFull, RequestError, RequestHandle, SamplingParams,
                                          Scheduler, SchedulerUnavailable, TokenEvent)
 from lmops_jax.serving.tokenizer import Tokenizer
@@ -82,12 +89,25 @@ class _Choice:
         return self.finish_reason is None and self.error is None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """What a request's `model` names: a served model, and one of its adapters or None."""
+    entry: ServedModel
+    adapter: str | None
+
+    @property
+    def name(self) -> str:
+        return self.adapter or self.entry.name
+
+
 @dataclasses.dataclass
 class _Run:
-    """An accepted HTTP request: its id, prompt length and choices."""
+    """An accepted HTTP request: its id, target, prompt length, choices and the scheduler running them."""
     id: str
+    target: _Target
     prompt_tokens: int
     choices: list[_Choice]
+    scheduler: Any = None
 
     def usage(self) -> api.Usage:
         completion = sum(c.completion_tokens for c in self.choices)
@@ -122,33 +142,47 @@ async def _disconnected(request: Request) -> None:
 class _Service:
     """What the handlers share, and a request's life: submit, events, cancel, respond."""
 
-    def __init__(self, scheduler: Scheduler, tokenizer: Tokenizer, model_name: str, chat_template: ChatTemplate,
-                 retry_after_s: int):
-        self.scheduler = scheduler
-        self.tokenizer = tokenizer
-        self.model_name = model_name
-        self.chat_template = chat_template
+    def __init__(self, models: ModelCache, retry_after_s: int):
+        self.models = models
         self.retry_after_s = retry_after_s
         self.created = int(time.time())
-        self.metrics = ServerMetrics(model_name, scheduler.stats, scheduler.engine.max_length)
+        self.metrics = ServerMetrics(models.default.name, self._stats, models.default.max_length)
 
-    def check(self, model: str | None) -> None:
-        """404 for another model's name, 503 when the engine failed."""
-        if model is not None and model != self.model_name:
-            raise api.APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
-                               param="model", code="model_not_found")
-        if not self.scheduler.healthy:
-            self.metrics.reject("unhealthy")
-            raise unavailable(self.scheduler.error or "the engine failed")
+    def _stats(self) -> dict[str, Any]:
+        return {name: scheduler.stats() for name, scheduler in self.models.schedulers().items()}
 
-    def submit(self, prompt: list[int], params: SamplingParams, n: int, prompt_field: str) -> _Run:
-        """Submits the n choices (seed + i each, when seeded): all of them, or none and an APIError."""
-        run = _Run(f"cmpl-{uuid.uuid4().hex}", len(prompt), [])
+    def target(self, model: str | None) -> _Target:
+        """What `model` names; 404 listing the known names for an unknown one."""
         try:
+            return _Target(*self.models.resolve(model))
+        except UnknownModel as e:
+            raise api.APIError(404, str(e), param="model", code="model_not_found") from e
+
+    async def submit(self, target: _Target, prompt: list[int], make_params: Callable[[Any], SamplingParams], n: int,
+                     prompt_field: str) -> _Run:
+        """Submits the n choices (seed + i each, when seeded) to the target's scheduler, loading its model
+        first if needed: all of them, or none and an APIError. make_params(engine) gives the sampling."""
+        run = _Run(f"cmpl-{uuid.uuid4().hex}", target, len(prompt), [])
+
+        def submit_all(scheduler: Any) -> None:
+            if not scheduler.healthy:
+                raise SchedulerUnavailable(scheduler.error or "the engine failed")
+            run.scheduler = scheduler
+            params = make_params(scheduler.engine)
             for i in range(n):
                 choice_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-                handle = self.scheduler.submit(prompt, choice_params, request_id=f"{run.id}-{i}")
+                handle = scheduler.submit(prompt, choice_params, request_id=f"{run.id}-{i}", adapter=target.adapter)
                 run.choices.append(_Choice(i, handle))
+
+        try:
+            if target.entry.resident:
+                self.models.submit(target.entry, submit_all, load=False)
+            else:
+                await asyncio.to_thread(self.models.submit, target.entry, submit_all)
+        except ModelsBusy as e:
+            self.metrics.reject("unhealthy")
+            raise api.APIError(503, str(e), code="model_busy", error_type="server_error",
+                               headers={"Retry-After": str(self.retry_after_s)}) from e
         except QueueFull as e:
             self._withdraw(run, "queue_full")
             raise api.APIError(429, f"the server is at capacity ({e}); retry later", code="queue_full",
@@ -160,18 +194,21 @@ class _Service:
         except SchedulerUnavailable as e:
             self._withdraw(run, "unhealthy")
             raise unavailable(str(e)) from e
+        except (RuntimeError, OSError, ValueError) as e:  # the model failed to load
+            self.metrics.reject("unhealthy")
+            raise unavailable(f"cannot load model {target.entry.name!r}: {e}") from e
         return run
 
     def _withdraw(self, run: _Run, reason: str) -> None:
         for choice in run.choices:
-            self.scheduler.cancel(choice.handle.request_id)
+            run.scheduler.cancel(choice.handle.request_id)
         self.metrics.reject(reason)
 
     def cancel(self, run: _Run) -> None:
         """Cancels the run's unfinished choices (their client is gone)."""
         for choice in run.choices:
             if choice.open:
-                self.scheduler.cancel(choice.handle.request_id)
+                run.scheduler.cancel(choice.handle.request_id)
                 choice.finish_reason = "abort"
 
     async def events(self, run: _Run) -> AsyncIterator[tuple[_Choice, Event]]:
@@ -210,7 +247,7 @@ class _Service:
             choice.error = event.error or "the engine failed"
             return
         choice.finish_reason = FINISH_REASONS[event.finish_reason]
-        self.metrics.finish(choice.timer, run.prompt_tokens, choice.completion_tokens)
+        self.metrics.finish(choice.timer, run.prompt_tokens, choice.completion_tokens, run.target.name)
 
     async def _collect(self, run: _Run, request: Request) -> bool:
         """Runs the choices to their end (True); cancels them if the client disconnects first (False)."""
@@ -252,9 +289,9 @@ class _Service:
             if choice.error:
                 yield f"data: {json.dumps(unavailable(choice.error).body())}\n\n"
             else:
-                yield _sse(chunk_type(id=run.id, model=self.model_name, choices=[chunk_choice(choice, event)]))
+                yield _sse(chunk_type(id=run.id, model=run.target.name, choices=[chunk_choice(choice, event)]))
         if include_usage:
-            yield _sse(chunk_type(id=run.id, model=self.model_name, choices=[], usage=run.usage()))
+            yield _sse(chunk_type(id=run.id, model=run.target.name, choices=[], usage=run.usage()))
         yield DONE
 
 
@@ -308,17 +345,18 @@ def _completion_chunk(tokenizer: Tokenizer, choice: _Choice, event: Event, top_n
 
 
 async def _completions(service: _Service, body: api.CompletionRequest, request: Request) -> Response:
-    service.check(body.model)
-    top_n, tokenizer = body.logprobs, service.tokenizer
+    target = service.target(body.model)
+    top_n, tokenizer = body.logprobs, target.entry.tokenizer
     prompt = tokenizer.prompt(body.prompt)
-    run = service.submit(prompt, _sampling(body, body.max_tokens, (), top_n is not None, top_n or 0), body.n, "prompt")
+    params = _sampling(body, body.max_tokens, (), top_n is not None, top_n or 0)
+    run = await service.submit(target, prompt, lambda engine: params, body.n, "prompt")
 
     def whole(run: _Run) -> api.CompletionResponse:
         choices = [api.CompletionChoice(
             index=c.index, text=c.text, finish_reason=c.finish_reason,
             logprobs=_completion_logprobs(tokenizer, c.pieces, c.logprobs, c.tops, 0, top_n)
             if top_n is not None else None) for c in run.choices]
-        return api.CompletionResponse(id=run.id, model=service.model_name, choices=choices, usage=run.usage())
+        return api.CompletionResponse(id=run.id, model=target.name, choices=choices, usage=run.usage())
 
     return await service.respond(request, run, body, api.CompletionResponse,
                                  lambda c, e: _completion_chunk(tokenizer, c, e, top_n), whole)
@@ -335,21 +373,25 @@ def _chat_chunk(tokenizer: Tokenizer, choice: _Choice, event: Event, logprobs: b
                                finish_reason=choice.finish_reason if finished else None)
 
 
-def _chat_prompt(service: _Service, body: api.ChatCompletionRequest) -> list[int]:
+def _chat_prompt(entry: ServedModel, body: api.ChatCompletionRequest) -> list[int]:
     try:
-        text = service.chat_template.render([{"role": m.role, "content": m.text} for m in body.messages])
+        text = entry.chat_template.render([{"role": m.role, "content": m.text} for m in body.messages])
     except ValueError as e:  # the model's own template refusing the conversation
         raise api.bad_request("messages", str(e)) from e
-    return service.tokenizer.prompt(text)
+    return entry.tokenizer.prompt(text)
 
 
 async def _chat(service: _Service, body: api.ChatCompletionRequest, request: Request) -> Response:
-    service.check(body.model)
-    prompt = _chat_prompt(service, body)
-    max_tokens = body.token_limit or max(1, service.scheduler.engine.capacity(len(prompt)))
-    params = _sampling(body, max_tokens, service.chat_template.stop, body.logprobs, body.top_logprobs or 0)
-    run = service.submit(prompt, params, body.n, "messages")
-    tokenizer = service.tokenizer
+    target = service.target(body.model)
+    entry = target.entry
+    prompt = _chat_prompt(entry, body)
+
+    def params(engine: Any) -> SamplingParams:
+        max_tokens = body.token_limit or max(1, engine.capacity(len(prompt)))
+        return _sampling(body, max_tokens, entry.chat_template.stop, body.logprobs, body.top_logprobs or 0)
+
+    run = await service.submit(target, prompt, params, body.n, "messages")
+    tokenizer = entry.tokenizer
 
     def whole(run: _Run) -> api.ChatCompletionResponse:
         choices = [api.ChatChoice(index=c.index, message=api.AssistantMessage(content=c.text),
@@ -357,29 +399,55 @@ async def _chat(service: _Service, body: api.ChatCompletionRequest, request: Req
                                   logprobs=_chat_logprobs(tokenizer, c.pieces, c.logprobs, c.tops)
                                   if body.logprobs else None)
                    for c in run.choices]
-        return api.ChatCompletionResponse(id=run.id, model=service.model_name, choices=choices, usage=run.usage())
+        return api.ChatCompletionResponse(id=run.id, model=target.name, choices=choices, usage=run.usage())
 
     return await service.respond(request, run, body, api.ChatCompletionChunk,
                                  lambda c, e: _chat_chunk(tokenizer, c, e, body.logprobs), whole)
+
+
+def _model_cards(models: ModelCache, created: int) -> list[api.ModelCard]:
+    """Every served model, then its adapters (parent = the base model), with whether each is resident."""
+    cards = []
+    for entry in models.entries:
+        cards.append(api.ModelCard(id=entry.name, created=created, max_model_len=entry.max_length,
+                                   resident=entry.resident))
+        resident = entry.resident_adapters()
+        cards += [api.ModelCard(id=name, created=created, max_model_len=entry.max_length, parent=entry.name,
+                                root=entry.name, resident=name in resident) for name in entry.adapters]
+    return cards
 
 
 def _error_response(error: api.APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
-def build_app(scheduler: Scheduler, tokenizer: Tokenizer, model_name: str, *, chat_template: ChatTemplate = SIMPLE,
-              retry_after_s: int = 1, collectors: Sequence[Collector] = ()) -> FastAPI:
-    """The app serving `scheduler`, which the caller starts and stops (the `serve` job does).
+def single_model(scheduler: Any, tokenizer: Tokenizer, model_name: str,
+                 chat_template: ChatTemplate = SIMPLE) -> ModelCache:
+    """A ModelCache of one model served by `scheduler` (a Scheduler or a router over replicas)."""
+    entry = ServedModel(model_name, "", tokenizer, chat_template, scheduler.engine.max_length, scheduler=scheduler)
+    return ModelCache([entry])
+
+
+def build_app(scheduler: Scheduler | None, tokenizer: Tokenizer | None, model_name: str | None, *,
+              chat_template: ChatTemplate = SIMPLE, retry_after_s: int = 1, collectors: Sequence[Collector] = (),
+              models: ModelCache | None = None) -> FastAPI:
+    """The app serving `scheduler` (or `models`), which the caller starts and stops (the `serve` job does).
 
     Args:
       scheduler: a `Scheduler` whose thread runs the engine, or a `router.ReplicaRouter` over several.
       tokenizer: text and prompt formatting of the served model.
       model_name: the `model` of requests and responses, and the metrics' model_name label.
       chat_template: how chat messages become a prompt (`chat_template.SIMPLE`, or the model's own).
-      retry_after_s: the Retry-After of a 429.
+      retry_after_s: the Retry-After of a 429 or of a 503 for a model that cannot be loaded now.
       collectors: more Prometheus collectors for /metrics (the router's per-replica series).
+      models: several models and adapters (`serving.model_cache`) instead of scheduler / tokenizer /
+        model_name / chat_template, which then must be None / left at their defaults.
     """
-    service = _Service(scheduler, tokenizer, model_name, chat_template, retry_after_s)
+    if models is None:
+        models = single_model(scheduler, tokenizer, model_name, chat_template)
+    elif scheduler is not None or tokenizer is not None or model_name is not None:
+        raise ValueError("build_app: pass either `models` or scheduler, tokenizer and model_name")
+    service = _Service(models, retry_after_s)
     for collector in collectors:
         service.metrics.registry.register(collector)
     app = FastAPI(title="lmops_jax", docs_url=None, redoc_url=None, openapi_url=None)
@@ -407,14 +475,14 @@ def build_app(scheduler: Scheduler, tokenizer: Tokenizer, model_name: str, *, ch
         return await _chat(service, body, request)
 
     @app.get("/v1/models")
-    async def models() -> api.ModelList:
-        card = api.ModelCard(id=model_name, created=service.created, max_model_len=scheduler.engine.max_length)
-        return api.ModelList(data=[card])
+    async def list_models() -> api.ModelList:
+        return api.ModelList(data=_model_cards(models, service.created))
 
     @app.get("/health")
     async def health() -> Response:
-        if not scheduler.healthy:
-            return _error_response(unavailable(scheduler.error or "the engine failed"))
+        default = models.default.scheduler
+        if not default.healthy:
+            return _error_response(unavailable(default.error or "the engine failed"))
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")

@@ -125,6 +125,9 @@ class SpeculativeEngine(Engine):
     def __init__(self, model: BaseModel, params: Any, partitioner: Partitioner | None = None, *,
                  draft_model: BaseModel, draft_params: Any, num_draft_tokens: int = 4, **engine_kwargs: Any):
         check_draft(model, draft_model)
+        if engine_kwargs.get("adapters") is not None:
+            raise NotImplementedError("speculative decoding with LoRA adapters: the draft would need each slot's "
+                                      "adapter too; serve adapters without DRAFT_CHECKPOINT")
         if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
             raise ValueError(f"NUM_DRAFT_TOKENS must be an int >= 1, got {num_draft_tokens!r}")
         super().__init__(model, params, partitioner, **engine_kwargs)
@@ -144,9 +147,9 @@ class SpeculativeEngine(Engine):
 
     # ------------------------------------------------- both models: prefill, prefix blocks, slots
     def prefill(self, tokens: Sequence[int] | np.ndarray, true_length: int | None = None,
-                prefix: Prefix | None = None) -> Prefix:
+                prefix: Prefix | None = None, adapter: int = 0) -> Prefix:
         draft = self.draft.prefill(tokens, true_length, None if prefix is None else prefix.draft)
-        return dataclasses.replace(super().prefill(tokens, true_length, prefix), draft=draft)
+        return dataclasses.replace(super().prefill(tokens, true_length, prefix, adapter), draft=draft)
 
     def paged_prefix(self, blocks: Sequence[int], length: int = 0) -> Prefix:
         return dataclasses.replace(super().paged_prefix(blocks, length), draft=self.draft.paged_prefix(blocks, length))
@@ -166,8 +169,8 @@ class SpeculativeEngine(Engine):
         super().save_blocks(prefix, blocks)
         self.draft.save_blocks(prefix.draft, blocks)
 
-    def insert(self, prefix: Prefix, slot: int, steps: int = 0) -> None:
-        super().insert(prefix, slot, steps)
+    def insert(self, prefix: Prefix, slot: int, steps: int = 0, adapter: int = 0) -> None:
+        super().insert(prefix, slot, steps, adapter)
         self.draft.insert(prefix.draft, slot, steps)
         self._fresh[slot] = True
 

@@ -97,7 +97,8 @@ def test_continuous_batching_gives_each_request_its_tokens_alone(name, chunk, mo
     reqs = requests("t5" if name == "t5" else "llama")
     fed = []  # prompt tokens per prefill call
     prefill = engine(name).prefill
-    monkeypatch.setattr(engine(name), "prefill", lambda tokens, n, prefix: fed.append(n) or prefill(tokens, n, prefix))
+    monkeypatch.setattr(engine(name), "prefill",
+                        lambda tokens, n, prefix, adapter: fed.append(n) or prefill(tokens, n, prefix, adapter))
     scheduler = Scheduler(engine(name), max_queue=32, prefill_chunk=chunk)
     for (tokens, reason, logprobs), (_, params, expected, logprob) in zip(serve(scheduler, reqs), reqs):
         assert tokens == expected
