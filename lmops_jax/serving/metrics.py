@@ -15,7 +15,9 @@ Every series carries the label `model_name`. Two sources:
     vllm:e2e_request_latency_seconds, vllm:request_prompt_tokens, vllm:request_generation_tokens
     (histograms, over requests that ran to their end); lmops:requests_rejected_total{reason}
     (429 queue_full, 400 invalid, 503 unhealthy; vLLM has no such metric).
-A request with `n` choices counts as n requests, one per choice, as the scheduler runs them. TTFT is
+With several models (`serving.model_cache`), each resident model's scheduler series carry its name, and
+each request's histograms the name it asked for (a model or an adapter). A request with `n` choices
+counts as n requests, one per choice, as the scheduler runs them. TTFT is
 measured from the request's arrival at the server, so it includes queueing, as vLLM's does.
 """
 from __future__ import annotations

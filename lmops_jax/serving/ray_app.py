@@ -11,8 +11,10 @@ scheduler, the same OpenAI-compatible FastAPI app and /metrics) and hands that a
 
 A replica's life: the constructor loads the checkpoint, starts the scheduler and runs one warm-up
 request per engine, so Ray routes to it only once it is compiled. `check_health` fails when its engine
-failed, so Ray replaces it. On scale-down, `serve.delete` or SIGTERM, Ray stops routing to it, waits
-for its ongoing requests (`graceful_shutdown_timeout_s` = DRAIN_TIMEOUT_S, checked every
+failed, so Ray replaces it; a replica that dies (or stops answering health checks) is replaced too, and
+the requests it held end in a 502 or, on a stream, an error event that `ray_proxy`'s guard in Ray's HTTP
+proxy sends (`start_serve` installs it). On scale-down, `serve.delete` or SIGTERM, Ray stops routing
+to it, waits for its ongoing requests (`graceful_shutdown_timeout_s` = DRAIN_TIMEOUT_S, checked every
 `graceful_shutdown_wait_loop_s`), then calls `__del__`, which drains the scheduler and stops it: an
 accepted request is answered, never dropped. Every answer carries `x-lmops-replica` (the Ray replica
 id), so a client or a test can tell the replicas apart.
@@ -36,6 +38,7 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
 from lmops_jax.cli import gin_flags, runner
+from lmops_jax.serving import ray_proxy
 from lmops_jax.serving import serve as serve_lib
 
 if __name__ == "__main__":
@@ -74,13 +77,14 @@ class LmopsServer:
         """Ray calls this after the replica's ongoing requests ended; finish anything still queued."""
         server = getattr(self, "server", None)  # absent when the constructor failed
         if server is not None:
-            server.scheduler.stop(drain=True, timeout=self.drain_timeout_s)
+            server.stop(drain=True, timeout=self.drain_timeout_s)
 
 
 def application(*, min_replicas: int = 1, max_replicas: int = 1, target_ongoing_requests: float = 2.0,
                 upscale_delay_s: float = 30.0, downscale_delay_s: float = 600.0, metrics_interval_s: float = 10.0,
                 look_back_period_s: float = 30.0, max_ongoing_requests: int = 16, max_queued_requests: int = 64,
                 ray_actor_options: Mapping[str, Any] | None = None, drain_timeout_s: float | None = 30.0,
+                health_check_period_s: float = 10.0, health_check_timeout_s: float = 30.0,
                 checkpoint_path: str, **server_options: Any) -> serve.Application:
     """The bound Ray Serve application (nothing runs until `serve.run`).
 
@@ -97,6 +101,10 @@ def application(*, min_replicas: int = 1, max_replicas: int = 1, target_ongoing_
       ray_actor_options: each replica's resources, e.g. {'num_cpus': 1, 'num_gpus': 1} for one GPU per
         replica (RAY_ACTOR_OPTIONS).
       drain_timeout_s: how long a replica that goes may finish its requests (DRAIN_TIMEOUT_S).
+      health_check_period_s, health_check_timeout_s: how often Ray calls `check_health`, and how long an
+        answer may take (RAY_HEALTH_CHECK_PERIOD_S, RAY_HEALTH_CHECK_TIMEOUT_S): a replica that died is
+        replaced within about one period; one that fails 3 checks in a row (its engine failed, or no
+        answer within the timeout) is stopped (drained up to drain_timeout_s) and replaced.
       checkpoint_path, server_options: `serve.build_server`'s arguments (serve.gin's macros).
     """
     serve_lib.check_arguments(checkpoint_path, **{k: server_options[k] for k in (
@@ -113,8 +121,17 @@ def application(*, min_replicas: int = 1, max_replicas: int = 1, target_ongoing_
         max_queued_requests=max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
         graceful_shutdown_timeout_s=1e9 if drain_timeout_s is None else drain_timeout_s,
-        graceful_shutdown_wait_loop_s=0.5, ray_actor_options=dict(ray_actor_options or {"num_cpus": 1}))
+        graceful_shutdown_wait_loop_s=0.5, health_check_period_s=health_check_period_s,
+        health_check_timeout_s=health_check_timeout_s, ray_actor_options=dict(ray_actor_options or {"num_cpus": 1}))
     return deployment.bind(dict(checkpoint_path=checkpoint_path, **server_options), drain_timeout_s)
+
+
+def start_serve(host: str, port: int) -> None:
+    """Starts Serve (its controller and HTTP proxy on host:port) with `ray_proxy`'s guard in the proxy, so a
+    request cut by a replica's death ends in a 502 or a stream's error event (on a running cluster whose
+    Serve is already up, Ray keeps that Serve's options)."""
+    serve.start(http_options={"host": host, "port": port},
+                controller_options={"runtime_env": {"env_vars": dict(ray_proxy.PROXY_ENV)}})
 
 
 def serve_on_ray(*, app: serve.Application, checkpoint_path: str, model_name: str | None = None,
@@ -136,7 +153,7 @@ def serve_on_ray(*, app: serve.Application, checkpoint_path: str, model_name: st
     ended = threading.Event()  # handlers set after ray.init, which installs its own (a crash report)
     previous = {sig: signal.signal(sig, lambda *_: ended.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        serve.start(http_options={"host": host, "port": port})
+        start_serve(host, port)
         serve.run(app, name=APP_NAME, route_prefix="/")
         logging.info("serving %s at http://%s:%d/v1", name, host, port)
         while not ended.wait(1.0):

@@ -32,3 +32,15 @@ def test_quick_run_prints_every_key():
     assert 0 <= result["spec_acceptance_rate"] <= 1 and result["spec_pair_train_s"] > 0
     if has_torch:
         assert result["hf_token_agreement"] == 1.0 and result["hf_cb_tokens_per_s"] > 0
+
+
+def test_scale_bench_small_run_prints_every_figure():
+    """scripts/bench_serve_scale.py with a few requests: mixed adapters, 1 and 2 replicas, a cold then warm load."""
+    script = os.path.join(ROOT, "scripts", "bench_serve_scale.py")
+    done = subprocess.run([sys.executable, script, "--requests", "4", "--tokens", "4", "--adapters", "2", "--rounds",
+                           "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["adapters"]["mixed_tokens_per_s"] > 0 and result["adapters"]["base_tokens_per_s"] > 0
+    assert result["replicas"]["devices"] >= 2 and result["replicas"]["replicas_2_tokens_per_s"] > 0
+    assert 0 < result["load"]["warm_load_s"] and 0 < result["load"]["cold_load_s"]

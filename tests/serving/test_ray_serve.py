@@ -1,10 +1,13 @@
 """The Ray Serve application (`serving.ray_app`) on a local Ray with 2 CPUs and a tiny model: the documented
-command as a subprocess, an autoscaling ramp 1 -> 2 -> 1 replicas, and a replica removed mid-load.
+command as a subprocess, an autoscaling ramp 1 -> 2 -> 1 replicas, a replica removed mid-load and one killed
+mid-load; and the proxy's guard (`serving.ray_proxy`) on its own, without Ray.
 
 Ray's HTTP proxy binds 127.0.0.1 on a free port; every request loop is bounded in count and time; Ray is
 shut down after each use.
 """
+import asyncio
 import concurrent.futures
+import json
 import os
 import re
 import signal
@@ -19,7 +22,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from lmops_jax.serving import ray_app  # noqa: E402
+from lmops_jax.serving import ray_app, ray_proxy  # noqa: E402
 from tests.helpers import byte_level_checkpoint, free_port, tiny_llama  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -86,7 +89,7 @@ def local_serve():
     """A local Ray (2 CPUs, no dashboard) with Serve's proxy on 127.0.0.1; yields its base URL."""
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": ROOT}})
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    ray_app.start_serve("127.0.0.1", port)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -162,3 +165,128 @@ def test_no_accepted_request_is_lost_when_a_replica_goes(checkpoint, local_serve
         assert max(t for _, t in gone) > scaled_down_at  # it finished requests after its removal began
     finally:
         serve.delete(ray_app.APP_NAME)
+
+
+def _stream(base: str, log: dict) -> None:
+    """A streamed completion; `log` gets its status, replica, `data:` payloads (or an error's body), any
+    exception, end time."""
+    try:
+        with httpx.stream("POST", f"{base}/v1/completions", timeout=60, json={
+                "prompt": "abc", "max_tokens": 240, "temperature": 0, "stream": True}) as answer:
+            log.update(status=answer.status_code, replica=answer.headers.get(ray_app.REPLICA_HEADER))
+            if answer.status_code != 200:
+                log["body"] = answer.read()
+            for line in answer.iter_lines():
+                if line.startswith("data: "):
+                    log["events"].append(line[len("data: "):])
+    except httpx.HTTPError as e:
+        log["exception"] = repr(e)
+    log["ended"] = time.monotonic()
+
+
+def _finished(events: list[str]) -> bool:
+    """A stream that ran to its end: a finish reason, then [DONE], and no error event."""
+    chunks = [json.loads(e) for e in events[:-1]]
+    return (events[-1:] == ["[DONE]"] and not any("error" in c for c in chunks)
+            and any(c["choices"] and c["choices"][0]["finish_reason"] for c in chunks))
+
+
+def _cut(events: list[str]) -> bool:
+    """A stream the replica's death ended: tokens (maybe none), the guard's error event, [DONE]."""
+    return (events[-1:] == ["[DONE]"] and len(events) >= 2
+            and json.loads(events[-2]).get("error", {}).get("code") == "replica_lost"
+            and not _finished(events))
+
+
+def _replica_ids(base: str, n: int) -> set[str]:
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        answers = list(pool.map(lambda _: _complete(base, 4), range(n)))
+    assert [a.status_code for a in answers] == [200] * n
+    return {a.headers[ray_app.REPLICA_HEADER] for a in answers}
+
+
+def _replica_actor(replica_id: str):
+    """The Ray actor of a Serve replica (Serve names it SERVE_REPLICA::app#deployment#replica id)."""
+    return ray.get_actor(f"SERVE_REPLICA::{ray_app.APP_NAME}#LmopsServer#{replica_id}", namespace="serve")
+
+
+def test_a_replica_that_dies_fails_only_its_requests_with_5xx_and_ray_replaces_it(checkpoint, local_serve):
+    fixed = {**FAST_SCALING, "max_ongoing_requests": 8, "health_check_period_s": 1}
+    serve.run(ray_app.application(min_replicas=2, max_replicas=2, checkpoint_path=checkpoint, **fixed,
+                                  **{**SERVER, "max_slots": 1}), name=ray_app.APP_NAME, route_prefix="/")
+    try:
+        streams = [{"events": [], "exception": None} for _ in range(10)]
+        with concurrent.futures.ThreadPoolExecutor(14) as pool:  # 14 requests > 8 a replica holds: both busy
+            pending = [pool.submit(_stream, local_serve, log) for log in streams]
+            plain = [pool.submit(_complete, local_serve, 240) for _ in range(4)]
+            assert _wait_for(lambda: any(log["events"] for log in streams), 60), streams
+            victim = next(log["replica"] for log in streams if log["events"])
+            killed_at = time.monotonic()
+            ray.kill(_replica_actor(victim), no_restart=True)
+            for f in pending:
+                f.result(timeout=120)
+            plain = [f.result(timeout=120) for f in plain]  # a hang raises httpx's ReadTimeout here
+        assert all(log["exception"] is None for log in streams), streams
+        refused = [log for log in streams if log["status"] != 200]  # sent to the victim, no answer started
+        assert all(log["status"] == 502 and json.loads(log["body"])["error"]["code"] == "replica_lost"
+                   for log in refused), refused
+        on_victim = [log for log in streams if log["replica"] == victim]
+        survivor = {log["replica"] for log in streams if log["status"] == 200} - {victim}
+        assert len(survivor) == 1
+        assert all(_finished(log["events"]) for log in streams if log["replica"] in survivor)
+        assert all(_cut(log["events"]) or (_finished(log["events"]) and log["ended"] < killed_at)
+                   for log in on_victim), on_victim
+        cut = sum(_cut(log["events"]) for log in on_victim)
+        assert cut >= 1, "the kill cut no stream"
+        for answer in plain:  # a non-streamed request on the victim: 502, never a short 200
+            assert (answer.status_code == 200 and answer.json()["choices"][0]["finish_reason"]) or (
+                answer.status_code == 502 and answer.json()["error"]["code"] == "replica_lost"), answer.text
+        assert cut + len(refused) + sum(a.status_code == 502 for a in plain) <= fixed["max_ongoing_requests"]
+        seen: set[str] = set()  # the replacement: a third replica id, answering beside the survivor
+        assert _wait_for(lambda: bool(seen.update(_replica_ids(local_serve, 3)) or seen - survivor - {victim})
+                         and _running_replicas() == 2, 90), seen
+        assert victim not in seen
+    finally:
+        serve.delete(ray_app.APP_NAME)
+
+
+def _guarded(app) -> list[dict]:
+    """The ASGI messages `ReplicaLossGuard(app)` sends for one HTTP request."""
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.disconnect"}
+    asyncio.run(ray_proxy.ReplicaLossGuard(app)({"type": "http"}, receive, send))
+    return sent
+
+
+def _start(content_type: bytes) -> dict:
+    return {"type": "http.response.start", "status": 200, "headers": [(b"content-type", content_type)]}
+
+
+def test_the_proxy_guard_ends_what_a_dead_replica_left_unanswered_with_a_5xx():
+    async def nothing(scope, receive, send):  # the replica died before the response started
+        pass
+
+    async def cut_stream(scope, receive, send):
+        await send(_start(b"text/event-stream; charset=utf-8"))
+        await send({"type": "http.response.body", "body": b'data: {"choices": []}\n\n', "more_body": True})
+
+    async def cut_json(scope, receive, send):
+        await send(_start(b"application/json"))
+
+    async def whole(scope, receive, send):
+        await send(_start(b"text/event-stream"))
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    start, body = _guarded(nothing)
+    assert start["status"] == 502 and json.loads(body["body"])["error"]["code"] == "replica_lost"
+    *_, last = _guarded(cut_stream)
+    error, done = last["body"].decode().strip().split("\n\n")
+    assert json.loads(error[len("data: "):])["error"]["code"] == "replica_lost" and done == "data: [DONE]"
+    assert not last["more_body"]
+    assert _guarded(cut_json) == [_start(b"application/json")]  # the client sees the cut, never a short 200
+    assert len(_guarded(whole)) == 2
