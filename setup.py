@@ -33,7 +33,7 @@ setuptools.setup(
     description="Distillation, fine-tuning and serving of language models in JAX/Flax.",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["lmops_jax", "lmops_jax.*"]),
-    package_data={"lmops_jax": ["data/corpus/*.txt", "gin_configs/*/*.gin"]},
+    package_data={"lmops_jax": ["data/corpus/*.txt", "data/seq2seq/*.tsv", "gin_configs/*/*.gin"]},
     include_package_data=True,
     install_requires=CORE,
     extras_require={

@@ -40,6 +40,10 @@ ROOTS = ("tmp", "data", "models", "ckpt", "runs")
 ROOTED_PATH = re.compile(r"(?<![\w.~/-])/(%s)(?=/)" % "|".join(ROOTS))
 FENCE = re.compile(r"^```([\w-]*)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
 COMMAND = re.compile(r"\bpython -m (lmops_jax[\w.]*)")
+NEEDS = re.compile(r"<!-- test_docs: needs (\w+)")
+# Paths in the repository a command names relative to its root (`python scripts/x.py`, the shipped corpus): the
+# blocks run in a scratch root, so they are made absolute.
+REPO_RELATIVE = re.compile(r"(?<![\w./-])(scripts|lmops_jax)/")
 COMMAND_LINE = re.compile(r"^\s*(?:pip install [^&\n]*&&\s*)?python -m lmops_jax", re.M)
 TRAIN_FLAGS = ("--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=4", "--gin.TASK_FEATURE_LENGTHS=\"{'targets': 32}\"",
                "--gin.EVAL_STEPS=1")
@@ -91,19 +95,26 @@ def _logical_lines(text: str) -> list[list[str]]:
 
 def _with_flags(group: list[str], variables: dict[str, str], root: str) -> list[str]:
     """A command's lines with the job's size flags (and a MODEL_DIR for training) appended before any
-    trailing comment, and `python` spelled as this interpreter."""
+    trailing comment."""
     joined = " ".join(group)
     match = COMMAND.search(joined)
     if match is None:
         return group
     job = match.group(1)
-    flags = list(JOB_FLAGS.get(job, ()))
+    # A command that sets its own (small) TASK_FEATURE_LENGTHS keeps them: an encoder-decoder task needs inputs too.
+    flags = [f for f in JOB_FLAGS.get(job, ()) if not (f.startswith("--gin.TASK_FEATURE_LENGTHS=")
+                                                       and "--gin.TASK_FEATURE_LENGTHS=" in joined)]
     expanded = re.sub(r"\$(\w+)", lambda m: variables.get(m.group(1), ""), joined)
     if job == "lmops_jax.train" and "MODEL_DIR" not in expanded:
         flags.append(f"--gin.MODEL_DIR=\"'{root}/tmp/default_model_dir'\"")
     code, background, comment = re.match(r"^(.*?)(\s*&)?(\s+#\s.*)?$", group[-1]).groups()
-    lines = group[:-1] + [code + "".join(" " + f for f in flags) + (background or "") + (comment or "")]
-    return [re.sub(r"\bpython -m ", shlex.quote(sys.executable) + " -m ", line) for line in lines]
+    return group[:-1] + [code + "".join(" " + f for f in flags) + (background or "") + (comment or "")]
+
+
+def _in_repo(line: str) -> str:
+    """`python` as this interpreter (for a job or a script), and repository paths absolute (REPO_RELATIVE)."""
+    line = re.sub(r"\bpython (-m |scripts/)", lambda m: shlex.quote(sys.executable) + " " + m.group(1), line)
+    return REPO_RELATIVE.sub(lambda m: f"{REPO}/{m.group(1)}/", line)
 
 
 def _shell_script(text: str, variables: dict[str, str], root: str) -> str:
@@ -114,7 +125,7 @@ def _shell_script(text: str, variables: dict[str, str], root: str) -> str:
         assignment = re.match(r"^(\w+)=\"(.*)\"$", " ".join(g.rstrip("\\").strip() for g in group), re.S)
         if assignment:
             variables[assignment.group(1)] = assignment.group(2)
-        lines.extend(_with_flags(group, variables, root))
+        lines.extend(_in_repo(line) for line in _with_flags(group, variables, root))
     return "set -euo pipefail\n" + "\n".join(lines) + "\n"
 
 
@@ -176,6 +187,8 @@ def test_every_page_has_its_blocks_found():
     script = _shell_script(text, {}, "/r")
     assert "pip install" not in script and "llama_tiny.gin --gin.TRAIN_STEPS=2" in script
     assert script.rstrip().endswith("/r/tmp/default_model_dir'\"   # a comment")
+    own = _shell_script("python -m lmops_jax.train --gin.TASK_FEATURE_LENGTHS=\"{'inputs': 8, 'targets': 8}\"\n", {}, "/r")
+    assert own.count("TASK_FEATURE_LENGTHS") == 1 and "--gin.TRAIN_STEPS=2" in own
     background = _shell_script("python -m lmops_jax.infer --gin.X=1 &  # serve\n", {}, "/r")
     assert background.rstrip().endswith("--gin.X=1 --gin.NUM_EXAMPLES=4 --gin.MAX_NEW_TOKENS=8 &  # serve")
     assert _redirect("x('/tmp/a', \"/models/b\") /work/tmp/c", "/r") == "x('/r/tmp/a', \"/r/models/b\") /work/tmp/c"
@@ -183,6 +196,9 @@ def test_every_page_has_its_blocks_found():
 
 @pytest.mark.parametrize("page", [p for p in PAGES if _blocks(p)], ids=os.path.basename)
 def test_page_runs(page, inputs, compile_cache, tmp_path):
+    needs = NEEDS.search(open(page, encoding="utf-8").read())
+    if needs:  # a page for an optional extra; tests/data/test_t5_extra.py runs it where the extra is installed
+        pytest.importorskip(needs.group(1))
     root = str(tmp_path / "root")
     shutil.copytree(inputs, root)
     variables: dict[str, str] = {}

@@ -6,6 +6,10 @@
   English corpus shipped in `lmops_jax/data/corpus/`).
 - `synthetic_seq2seq`: encoder-decoder task; "inputs" are Markov strings of 8-32 symbols and "targets"
   the same string reversed, which a small T5 learns quickly.
+- `span_corruption`: T5's pretraining objective over local text files (by default the shipped corpus),
+  through `t5.data.preprocessors.span_corruption` (needs the `[t5]` extra, see `t5_extra`).
+- `tsv_seq2seq`: encoder-decoder task over TSV files of (input, target) lines (by default the shipped
+  numbers-to-words pairs in `lmops_jax/data/seq2seq/`), evaluated with `t5.evaluation.metrics` (needs `[t5]`).
 
 All tasks default to `seqio.ByteVocabulary()` (no file needed; token id = byte + 3, with pad=0, eos=1,
 unk=2); every register function takes an optional `vocabulary` (see `vocabulary_from`): a seqio
@@ -25,16 +29,25 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from lmops_jax.data import t5_extra
 from lmops_jax.data.synthetic import MarkovSource
 
 SYNTHETIC_LM = "synthetic_lm"
 TEXT_LM = "text_lm"
 SYNTHETIC_SEQ2SEQ = "synthetic_seq2seq"
-BUILTIN_TASKS = (SYNTHETIC_LM, TEXT_LM, SYNTHETIC_SEQ2SEQ)
+SPAN_CORRUPTION = "span_corruption"
+TSV_SEQ2SEQ = "tsv_seq2seq"
+BUILTIN_TASKS = (SYNTHETIC_LM, TEXT_LM, SYNTHETIC_SEQ2SEQ, SPAN_CORRUPTION, TSV_SEQ2SEQ)
 
-CORPUS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
+_DATA_DIR = os.path.dirname(os.path.abspath(__file__))
+CORPUS_DIR = os.path.join(_DATA_DIR, "corpus")
 DEFAULT_TRAIN_FILES = (os.path.join(CORPUS_DIR, "train.txt"),)
 DEFAULT_VALIDATION_FILES = (os.path.join(CORPUS_DIR, "validation.txt"),)
+SEQ2SEQ_DIR = os.path.join(_DATA_DIR, "seq2seq")
+DEFAULT_TRAIN_TSV = (os.path.join(SEQ2SEQ_DIR, "train.tsv"),)
+DEFAULT_VALIDATION_TSV = (os.path.join(SEQ2SEQ_DIR, "validation.tsv"),)
+SPAN_CORRUPTION_EXTRA_IDS = 100  # sentinel ids of the default byte vocabulary (T5's count)
+DEFAULT_TSV_METRICS = ("sequence_accuracy", "bleu", "rouge")
 
 # An infinite i.i.d. stream needs no shuffling. A buffer of 1 keeps the order, so with per-process
 # sharding (example i to process i % P) every global batch holds the same examples whatever the number
@@ -307,6 +320,84 @@ def register_synthetic_seq2seq(
     )
 
 
+def register_span_corruption(
+    train_files: str | Sequence[str] | None = None,
+    validation_files: str | Sequence[str] | None = None,
+    noise_density: float = 0.15,
+    mean_noise_span_length: float = 3.0,
+    vocabulary: seqio.Vocabulary | str | None = None,
+    name: str = SPAN_CORRUPTION,
+) -> seqio.Task:
+    """(Re)registers T5's span-corruption pretraining task over text files (one example per non-empty line).
+
+    Files as in `register_text_lm` (gin macros TEXT_FILES / VALIDATION_TEXT_FILES); `noise_density` and
+    `mean_noise_span_length` (NOISE_DENSITY, MEAN_NOISE_SPAN_LENGTH) as in `t5_extra.span_corruption`. The
+    default vocabulary is bytes with `SPAN_CORRUPTION_EXTRA_IDS` sentinel ids. The task needs both an
+    "inputs" and a "targets" length, the targets one at least T5's `random_spans_helper` length for the
+    inputs one (about 0.4x the inputs length at the defaults). Registering needs no `t5`; reading the
+    data does (`t5_extra.MissingExtraError` otherwise).
+    """
+    train = _resolve_files(train_files, DEFAULT_TRAIN_FILES, "TEXT_FILES")
+    validation = _resolve_files(validation_files, DEFAULT_VALIDATION_FILES, "VALIDATION_TEXT_FILES")
+    vocabulary = (seqio.ByteVocabulary(extra_ids=SPAN_CORRUPTION_EXTRA_IDS) if vocabulary is None
+                  else vocabulary_from(vocabulary))
+    corrupt = t5_extra.span_corruption(noise_density, mean_noise_span_length, name)
+    seqio.TaskRegistry.remove(name)
+    return seqio.TaskRegistry.add(
+        name,
+        source=seqio.TextLineDataSource({"train": train, "validation": validation}),
+        output_features={"inputs": seqio.Feature(vocabulary, add_eos=True, required=False),
+                         "targets": seqio.Feature(vocabulary, add_eos=True)},
+        preprocessors=[_lines_to_targets, seqio.preprocessors.tokenize, corrupt,
+                       seqio.preprocessors.append_eos_after_trim],
+    )
+
+
+def _parse_tsv(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Maps raw "input<TAB>target" lines to {"inputs", "targets"}; blank lines are dropped, others must
+    have exactly two fields (tf.data raises naming the record otherwise)."""
+    ds = ds.filter(lambda line: tf.strings.length(tf.strings.strip(line)) > 0)
+
+    def parse(line: tf.Tensor) -> dict[str, tf.Tensor]:
+        inputs, targets = tf.io.decode_csv(line, record_defaults=["", ""], field_delim="\t", use_quote_delim=False)
+        return {"inputs": inputs, "targets": targets}
+
+    return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def register_tsv_seq2seq(
+    train_files: str | Sequence[str] | None = None,
+    validation_files: str | Sequence[str] | None = None,
+    metrics: Sequence[str] = DEFAULT_TSV_METRICS,
+    vocabulary: seqio.Vocabulary | str | None = None,
+    name: str = TSV_SEQ2SEQ,
+) -> seqio.Task:
+    """(Re)registers an encoder-decoder task over TSV files of "input<TAB>target" lines, both + EOS.
+
+    `train_files` / `validation_files` (gin macros TSV_FILES / VALIDATION_TSV_FILES) are paths or globs;
+    None means the shipped pairs (a number in digits, tab, the number in English words). `metrics`
+    (TASK_METRICS) are `t5.evaluation.metrics` names (`t5_extra.METRICS`) computed on the decoded
+    predictions by `lmops_jax.infer` and by the trainer's evaluation. Registering needs no `t5`; reading
+    the data does (`t5_extra.MissingExtraError` otherwise).
+    """
+    train = _resolve_files(train_files, DEFAULT_TRAIN_TSV, "TSV_FILES")
+    validation = _resolve_files(validation_files, DEFAULT_VALIDATION_TSV, "VALIDATION_TSV_FILES")
+    vocabulary = vocabulary_from(vocabulary)
+    metric_fns = t5_extra.metric_fns(metrics, name)
+    seqio.TaskRegistry.remove(name)
+    return seqio.TaskRegistry.add(
+        name,
+        source=seqio.TextLineDataSource({"train": train, "validation": validation}),
+        output_features={"inputs": seqio.Feature(vocabulary, add_eos=True),
+                         "targets": seqio.Feature(vocabulary, add_eos=True)},
+        preprocessors=[t5_extra.require_t5(name), _parse_tsv, seqio.preprocessors.tokenize,
+                       seqio.preprocessors.append_eos],
+        metric_fns=metric_fns,
+    )
+
+
 register_synthetic_lm()
 register_text_lm()
 register_synthetic_seq2seq()
+register_span_corruption()
+register_tsv_seq2seq()

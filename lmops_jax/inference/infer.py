@@ -36,6 +36,7 @@ must therefore be on a file system all processes share.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ from lmops_jax.cli import gin_flags
 from lmops_jax.cli import runner
 from lmops_jax.inference import prompt_file
 from lmops_jax.inference.inference_module import InferenceModule
+from lmops_jax.models import loading
 
 MODES = ("predict", "score")
 # One example to run: (prompt, reference or None, the fields its output record repeats). Prompt and reference are
@@ -64,13 +66,16 @@ def _local_count(total: int) -> int:
     return total // n + (1 if i < total % n else 0)
 
 
-def _examples(task: Any, split: str, num_examples: int | None, task_feature_lengths, seed: int) -> list[dict]:
+def _examples(task: Any, split: str, num_examples: int | None, task_feature_lengths, seed: int,
+              shard: bool = True) -> list[dict]:
+    """This process's shard of the split's first `num_examples` examples; all of them when not `shard`."""
     import seqio
+    index, count = (jax.process_index(), jax.process_count()) if shard else (0, 1)
     ds = task.get_dataset(sequence_length=None if task_feature_lengths is None else dict(task_feature_lengths),
                           split=split, shuffle=False, num_epochs=1, seed=seed, use_cached=False,
-                          shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count()))
+                          shard_info=seqio.ShardInfo(index=index, num_shards=count))
     if num_examples is not None:
-        ds = ds.take(_local_count(num_examples))
+        ds = ds.take(_local_count(num_examples) if shard else num_examples)
     return list(ds.as_numpy_iterator())
 
 
@@ -83,10 +88,10 @@ def _split_example(example: Mapping[str, Any], prompt_length: int) -> tuple[list
 
 
 def _task_examples(task: Any, vocab: Any, split: str, num_examples: int | None, task_feature_lengths,
-                   prompt_length: int, seed: int) -> list[Row]:
+                   prompt_length: int, seed: int, shard: bool = True) -> list[Row]:
     """This process's examples of the task split as token lists, with their detokenized text as fields."""
     rows = [_split_example(ex, prompt_length)
-            for ex in _examples(task, split, num_examples, task_feature_lengths, seed)]
+            for ex in _examples(task, split, num_examples, task_feature_lengths, seed, shard)]
     return [(p, r, {"inputs": vocab.decode(p), "targets": vocab.decode(r)}) for p, r in rows]
 
 
@@ -141,6 +146,13 @@ def _metrics(task: Any, mode: str, records: list[dict]) -> dict[str, Any]:
         out[f"mean_{key}"] = float(np.mean([r[key] for r in records]))
     if not isinstance(task, seqio.Task) or not records:
         return out
+    return {**out, **task_metrics(task, mode, records)}
+
+
+def task_metrics(task: Any, mode: str, records: list[dict]) -> dict[str, Any]:
+    """The seqio task's metrics of output records: `predict_metric_fns` (e.g. the T5 metrics of
+    `tsv_seq2seq`) on the postprocessed targets and predictions, or `score_metric_fns` on targets and scores."""
+    out: dict[str, Any] = {}
     targets = [task.postprocess_fn(r["targets"], example=None, is_target=True) for r in records]
     if mode == "predict":
         predictions = [task.postprocess_fn(r["prediction"], example=None, is_target=False) for r in records]
@@ -150,6 +162,43 @@ def _metrics(task: Any, mode: str, records: list[dict]) -> dict[str, Any]:
         for fn in task.score_metric_fns:
             out.update({k: _to_json(v) for k, v in fn(targets, [r["score"] for r in records]).items()})
     return out
+
+
+@dataclasses.dataclass
+class PredictionMetrics:
+    """The trainer's evaluation by generation: greedy predictions for the first `num_examples` examples of
+    a task split, scored with the task's seqio predict-metric functions (`task_metrics`).
+
+    Bound by gin as `train.eval_metrics = @infer.PredictionMetrics()` (training never imports inference)
+    and called at every evaluation with the current params; `trainer.task_metrics_record` logs the values
+    as `eval/<name>`. Every process runs the same examples, so all agree on the values. The jitted
+    generation is built once per (model, partitioner) and reused with each evaluation's params.
+
+    Attributes:
+      num_examples, batch_size, split, task_feature_lengths, prompt_length, max_new_tokens: as for `infer`.
+    """
+
+    num_examples: int = 32
+    batch_size: int = 8
+    split: str = "validation"
+    task_feature_lengths: Mapping[str, int] | None = None
+    prompt_length: int = 16
+    max_new_tokens: int = 32
+    _module: InferenceModule | None = dataclasses.field(default=None, init=False, repr=False)
+
+    def __call__(self, params: Any, *, model: Any, partitioner: Any, mixture_or_task_name: str) -> dict[str, Any]:
+        task = _task(mixture_or_task_name)
+        vocabulary = task.output_features["targets"].vocabulary
+        module = self._module
+        if module is None or module.model is not model or module.partitioner is not partitioner:
+            module = self._module = InferenceModule(model, params, partitioner, vocabulary)
+        else:
+            module.params = loading.place_params(model, params, partitioner)
+        examples = _task_examples(task, vocabulary, self.split, self.num_examples, self.task_feature_lengths,
+                                  self.prompt_length, seed=0, shard=False)
+        records = _run_batches(module, examples, "predict", self.batch_size, 0,
+                               {"max_new_tokens": self.max_new_tokens, "method": "greedy"})
+        return task_metrics(task, "predict", records)
 
 
 def _task(name: str) -> Any:

@@ -239,12 +239,15 @@ class Trainer:
         peak_flops: float | None = None,
         after_step: Callable[[int, TrainState], None] | None = None,
         optimal_loss: float | None = None,
+        eval_metrics_fn: Callable[[Any], Mapping[str, float]] | None = None,
     ) -> TrainState:
         """Runs steps until `num_train_steps`, logging every `log_period` steps and at the end.
 
         The host only waits on the device at log steps. Throughput excludes the first step (compile).
         `after_step(step, state)` runs after every step (checkpointing hooks in here). With a known
-        `optimal_loss` (the data source's entropy), evaluations also report `eval/excess_loss`.
+        `optimal_loss` (the data source's entropy), evaluations also report `eval/excess_loss`. With
+        `eval_metrics_fn(params) -> {name: value}` (e.g. a task's T5 metrics on generated text), each
+        evaluation also logs its values (`task_metrics_record`).
         """
         start_step = int(jax.device_get(state.step))
         tokens_per_step = self.batch_size * sum(self.task_feature_lengths.get(k, 0) for k in ("targets",))
@@ -282,11 +285,23 @@ class Trainer:
                 record.update(self.evaluate(state.params, eval_batches_fn(), eval_steps))
                 if optimal_loss is not None:
                     record["eval/excess_loss"] = record["eval/loss"] - optimal_loss
+                if eval_metrics_fn is not None:
+                    record.update(task_metrics_record(eval_metrics_fn(state.params), record))
             if record:
                 if writer is not None:
                     writer.write(step, record)
                 logger.info("%s", format_log_line(step, self.num_train_steps, record))
         return state
+
+
+def task_metrics_record(metrics: Mapping[str, Any], record: Mapping[str, float]) -> dict[str, float]:
+    """Task metrics as log entries: `eval/<name>`, or `eval/text_<name>` where the token-level evaluation
+    already logs `eval/<name>` (T5's `accuracy` on generated text beside the teacher-forced token accuracy)."""
+    out = {}
+    for name, value in metrics.items():
+        key = f"eval/{name}" if f"eval/{name}" not in record else f"eval/text_{name}"
+        out[key] = float(getattr(value, "value", value))  # seqio.metrics.Scalar or a number
+    return out
 
 
 def format_log_line(step: int, total: int, record: Mapping[str, float]) -> str:
