@@ -10,10 +10,13 @@ gin recipes, `python -m lmops_jax.distillation dump_topk`):
    b. distilled from the online teacher (distill.gin, KD_ALPHA = 1: forward KL to the teacher only),
    c. distilled from the teacher's stored top-k (dump_topk, then distill.gin with KD_TOPK_DIR),
    d. distilled on-policy for a fraction GKD_LAMBDA of the steps (distill.gin with GKD_LAMBDA);
+   e. distilled from the online teacher plus a hidden-state loss (distill.gin with HIDDEN_LAYER_PAIRS:
+      the student's last layer against the teacher's, cosine through a learned 64 -> 128 map);
 3. a table of held-out loss (the fixed validation split, EVAL_STEPS batches) and excess loss over the
    source's entropy (`tasks.synthetic_optimal_loss`), for the teacher and each student.
 
-    python scripts/distill_story.py [--workdir /tmp/lmops_distill_story] [--skip_gkd] [--skip_offline]
+    python scripts/distill_story.py [--workdir /tmp/lmops_distill_story] [--skip_gkd] [--skip_offline] \
+      [--skip_hidden]
 
 Prints each command, a markdown table and one JSON line of the figures.
 """
@@ -62,6 +65,9 @@ def main() -> None:
     parser.add_argument("--gkd_lambda", type=float, default=0.5)
     parser.add_argument("--skip_gkd", action="store_true")
     parser.add_argument("--skip_offline", action="store_true")
+    parser.add_argument("--skip_hidden", action="store_true")
+    parser.add_argument("--hidden_pairs", default="[('layers_1', 'layers_3')]", help="HIDDEN_LAYER_PAIRS of run e")
+    parser.add_argument("--hidden_weight", type=float, default=1.0)
     parser.add_argument("--reuse_teacher", action="store_true", help="keep WORKDIR/teacher from an earlier run")
     args = parser.parse_args()
     wd = lambda name: os.path.join(args.workdir, name)  # noqa: E731
@@ -102,12 +108,16 @@ def main() -> None:
     if not args.skip_gkd:
         runs[f"student, GKD lambda={args.gkd_lambda}"] = distill + [f"--gin.GKD_LAMBDA={args.gkd_lambda}",
                                                                    "--gin.GKD_PROMPT_LENGTH=8"]
+    if not args.skip_hidden:
+        runs[f"student, KD online + hidden states {args.hidden_pairs}"] = distill + [
+            f"--gin.HIDDEN_LAYER_PAIRS={args.hidden_pairs}", f"--gin.HIDDEN_WEIGHTS={args.hidden_weight}"]
     records = {"teacher": last_record(wd("teacher"))}
     for i, (name, flags) in enumerate(runs.items()):
         model_dir = wd(f"student{i}")
         times[name] = run(base + flags + common + student + [f"--gin.MODEL_DIR='{model_dir}'"], model_dir + ".log")
         records[name] = last_record(model_dir)
 
+    sys.path.insert(0, REPO)  # run as a script from a checkout: the package is the repository's
     from lmops_jax.data import tasks
     optimal = tasks.synthetic_optimal_loss({"targets": args.length})
     print(f"\nsynthetic_lm, {args.length} tokens per row; true entropy (optimal loss) {optimal:.4f} nats/token")

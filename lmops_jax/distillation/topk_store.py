@@ -8,6 +8,8 @@ Layout of a store directory (`KD_TOPK_DIR`), for a run of B rows x L tokens per 
   ids-00000.npy                 int32   [n, B, L, k]  their token ids
   target_logprob-00000.npy      float32 [n, B, L]     log-prob of the batch's target token (teacher_loss)
   targets-00000.npy             int32   [n, B, L]     the batch's targets, to check alignment
+  aligned-00000.npy             int32   [n, B, L]     cross-tokenizer stores only: 1 where the position is
+                                                      aligned with a teacher position (`token_alignment`)
   ... one set per shard of `shard_size` batches (the last shard holds the rest)
 
 Batch i of the store is batch i of the deterministic training stream (`pipeline.batch_stream` with the
@@ -15,6 +17,10 @@ run's task, lengths, batch size, packing and seed), i.e. the batch of train step
 global, in the global row order of the batch arrays; readers memory-map the shards and each process
 reads only the rows of its devices (`jax.make_array_from_callback`). Per batch the store holds
 B * L * (8k + 8) bytes: 16 x 256 tokens with k = 32 take 1.1 MB.
+
+A cross-tokenizer store (KD_LOSS='uld', meta `cross_tokenizer`) is laid out over the student's
+positions: at each aligned one, the top-k of the teacher position it is aligned with (ids in the
+teacher's vocabulary; `losses.uld_from_topk` uses only the sorted probabilities); elsewhere zeros.
 
 `losses.TokenLosses.kd_from_topk` turns the k stored log-probs into a (k + 1)-outcome distribution
 whose last outcome is the tail mass 1 - sum(exp(logprobs)) the teacher put elsewhere, so the
@@ -32,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmops_jax import checkpoints, losses
+from lmops_jax.distillation import token_alignment as ta
 from lmops_jax.models import loading
 from lmops_jax.models.model import BaseModel
 from lmops_jax.models.spec import VocabularySpec
@@ -43,7 +50,7 @@ TOPK_LOGPROBS = "teacher_topk_logprobs"
 TOPK_IDS = "teacher_topk_ids"
 TARGET_LOGPROB = "teacher_target_logprob"
 _ARRAYS = {"logprobs": (np.float32, True), "ids": (np.int32, True), "target_logprob": (np.float32, False),
-           "targets": (np.int32, False)}  # name: (dtype, has a k axis)
+           "targets": (np.int32, False), ta.ALIGNED: (np.int32, False)}  # name: (dtype, has a k axis)
 META = "meta.json"
 FORMAT_VERSION = 1
 
@@ -53,12 +60,9 @@ def check_teacher_vocabulary(teacher: VocabularySpec | None, mixture_or_task_nam
     the 'targets' vocabulary of the run's task; warns when either cannot be built here."""
     if teacher is None:
         return
-    import seqio
-    from lmops_jax.data import tasks  # noqa: F401  registers the built-in tasks
-
     teacher_vocab = teacher.build()
     try:
-        student_vocab = seqio.get_mixture_or_task(mixture_or_task_name).output_features["targets"].vocabulary
+        student_vocab = student_vocabulary(mixture_or_task_name)
     except (ValueError, KeyError):
         student_vocab = None
     if teacher_vocab is None or student_vocab is None:
@@ -67,6 +71,28 @@ def check_teacher_vocabulary(teacher: VocabularySpec | None, mixture_or_task_nam
     elif teacher_vocab != student_vocab:
         raise ValueError(f"teacher and student must share a vocabulary: the teacher's checkpoint uses "
                          f"{teacher_vocab!r}, the student's task {mixture_or_task_name!r} uses {student_vocab!r}")
+
+
+def student_vocabulary(mixture_or_task_name: str) -> Any:
+    """The 'targets' vocabulary of the student's task (registered here)."""
+    import seqio
+    from lmops_jax.data import tasks  # noqa: F401  registers the built-in tasks
+
+    return seqio.get_mixture_or_task(mixture_or_task_name).output_features["targets"].vocabulary
+
+
+def teacher_vocabulary(given: Any, stored: VocabularySpec | None) -> Any:
+    """The teacher's seqio vocabulary for cross-tokenizer distillation: `given` (a vocabulary or a tokenizer
+    path, `tasks.vocabulary_from`), else the one its checkpoint's spec describes."""
+    from lmops_jax.data import tasks
+
+    if given is not None:
+        return tasks.vocabulary_from(given)
+    built = None if stored is None else stored.build()
+    if built is None:
+        raise ValueError("KD_LOSS='uld' tokenizes the text for the teacher, but its checkpoint names no vocabulary "
+                         "this process can build; pass the teacher's tokenizer (DistillationTrainer.teacher_vocabulary)")
+    return built
 
 
 def _file(directory: str, name: str, shard: int) -> str:
@@ -90,6 +116,7 @@ class TopKStore:
         self.num_batches = int(self.meta["num_batches"])
         self.shard_size = int(self.meta["shard_size"])
         self.k = int(self.meta["k"])
+        self.names = [n for n in _ARRAYS if n != ta.ALIGNED] + ([ta.ALIGNED] if self.meta.get("cross_tokenizer") else [])
         self._open: dict[tuple[str, int], np.ndarray] = {}
 
     def _array(self, name: str, shard: int) -> np.ndarray:
@@ -100,12 +127,12 @@ class TopKStore:
         return self._open[key]
 
     def batch(self, index: int) -> dict[str, np.ndarray]:
-        """Global (memory-mapped) arrays of batch `index`: logprobs, ids, target_logprob, targets."""
+        """Global (memory-mapped) arrays of batch `index`: logprobs, ids, target_logprob, targets (aligned)."""
         if not 0 <= index < self.num_batches:
             raise IndexError(f"top-k store {self.directory!r} holds batches 0..{self.num_batches - 1}; batch "
                              f"{index} was asked for (dump with num_batches >= TRAIN_STEPS)")
         shard, row = divmod(index, self.shard_size)
-        return {name: self._array(name, shard)[row] for name in _ARRAYS}
+        return {name: self._array(name, shard)[row] for name in self.names}
 
     def attach(self, index: int, batch: Mapping[str, jax.Array], sharding: jax.sharding.Sharding) -> dict:
         """`batch` plus its stored teacher arrays, sharded like it; fails unless the targets match."""
@@ -127,6 +154,8 @@ class TopKStore:
         out[TOPK_LOGPROBS] = put(stored["logprobs"])
         out[TOPK_IDS] = put(stored["ids"])
         out[TARGET_LOGPROB] = put(stored["target_logprob"])
+        if ta.ALIGNED in stored:
+            out[ta.ALIGNED] = put(stored[ta.ALIGNED])
         return out
 
 
@@ -160,6 +189,49 @@ def _gather(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _teacher_topk_fn(teacher_model: BaseModel, k: int, cross_tokenizer: bool) -> Callable:
+    """(params, batch) -> (top-k log-probs, ids, target log-prob) per student position (jittable).
+
+    Cross-tokenizer: the teacher reads its own features of the aligned batch and each student position
+    takes the values of the teacher position it is aligned with (zeros where it is not aligned).
+    """
+    def fn(params, batch):
+        own = ta.teacher_batch(batch) if cross_tokenizer else batch
+        logits = teacher_model.compute_logits(params, own)
+        logprobs, ids = losses.topk_teacher_logprobs(logits, k)
+        log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        target = jnp.take_along_axis(log_p, own["decoder_target_tokens"][..., None], axis=-1)[..., 0]
+        if not cross_tokenizer:
+            return logprobs, ids, target
+        index, aligned = batch[ta.ALIGNED_INDEX], batch[ta.ALIGNED]
+        at = lambda x: jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+        return (at(logprobs) * aligned[..., None], at(ids) * aligned[..., None], at(target) * aligned)
+    return fn
+
+
+class _StoreWriter:
+    """Writes batches into shards of `shard_size` (memory-mapped .npy files), process 0 only."""
+
+    def __init__(self, directory: str, num_batches: int, shard_size: int):
+        self.directory, self.num_batches, self.shard_size = directory, num_batches, shard_size
+        self._files: dict[str, np.ndarray] = {}
+
+    def write(self, index: int, values: Mapping[str, np.ndarray]) -> None:
+        shard, row = divmod(index, self.shard_size)
+        if row == 0:
+            self.flush()
+            rows = min(self.shard_size, self.num_batches - index)
+            self._files = {name: np.lib.format.open_memmap(
+                _file(self.directory, name, shard), mode="w+", dtype=_ARRAYS[name][0], shape=(rows,) + value.shape)
+                for name, value in values.items()}
+        for name, value in values.items():
+            self._files[name][row] = value
+
+    def flush(self) -> None:
+        for f in self._files.values():
+            f.flush()
+
+
 def dump_teacher_topk(
     *,
     teacher_checkpoint: str,
@@ -175,12 +247,18 @@ def dump_teacher_topk(
     setup_fns: Sequence[Callable[[], Any]] = (),
     teacher_model: BaseModel | None = None,
     shard_size: int = 256,
+    kd_loss: str = "forward_kl",
+    teacher_length: int | None = None,
+    teacher_vocab: Any = None,
 ) -> str:
     """Runs the teacher once over the first `num_batches` batches of a run's training stream and stores
     its top-k log-probs (see the module docstring); returns `output_dir`.
 
     The stream is the one `train()` reads with the same task, lengths, batch size, packing and seed, so
     the arguments are the distillation run's gin macros (distill.gin binds them; KD_TOPK_DIR, KD_TOPK).
+    With kd_loss='uld' (KD_LOSS) the teacher reads its own tokenization of the text, `teacher_length`
+    tokens a row (KD_TEACHER_LENGTH; None: the targets length), in `teacher_vocab` (None: its
+    checkpoint's), and the store holds its aligned top-k per student position.
     An existing complete store in `output_dir` is an error (delete it first).
     """
     from lmops_jax.cli import gin_flags
@@ -197,10 +275,13 @@ def dump_teacher_topk(
     for fn in setup_fns:
         fn()
     partitioner = partitioner or Partitioner()
+    cross_tokenizer = kd_loss == "uld"
+    spec = None
     if teacher_model is None:
-        teacher = loading.read_spec(teacher_checkpoint)
-        teacher_model = teacher.model
-        check_teacher_vocabulary(teacher.vocabulary, mixture_or_task_name)
+        spec = loading.read_spec(teacher_checkpoint)
+        teacher_model = spec.model
+        if not cross_tokenizer:
+            check_teacher_vocabulary(spec.vocabulary, mixture_or_task_name)
     if not 1 <= k <= teacher_model.vocab_size:
         raise ValueError(f"k must lie in [1, {teacher_model.vocab_size}] (the vocabulary), got {k}")
     abstract, shardings = loading.param_shardings(teacher_model, partitioner)
@@ -209,46 +290,35 @@ def dump_teacher_topk(
     data_sharding = partitioner.data_sharding()
     batches = pipeline.batch_stream(mixture_or_task_name, lengths, teacher_model.feature_converter_cls(pack=pack),
                                     global_batch_size=batch_size, sharding=data_sharding, seed=seed)
-
-    def teacher_topk(p, batch):
-        logits = teacher_model.compute_logits(p, batch)
-        logprobs, ids = losses.topk_teacher_logprobs(logits, k)
-        log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        target = jnp.take_along_axis(log_p, batch["decoder_target_tokens"][..., None], axis=-1)[..., 0]
-        return logprobs, ids, target
-
+    if cross_tokenizer:
+        aligner = ta.TokenAligner(student_vocabulary(mixture_or_task_name),
+                                  teacher_vocabulary(teacher_vocab, spec and spec.vocabulary),
+                                  teacher_length or lengths["targets"])
+        batches = ta.AlignedBatches(batches, aligner, data_sharding)
+    writer = _StoreWriter(output_dir, num_batches, shard_size)
     with partitioner.context():
-        step = jax.jit(teacher_topk, in_shardings=(shardings, data_sharding))
+        step = jax.jit(_teacher_topk_fn(teacher_model, k, cross_tokenizer), in_shardings=(shardings, data_sharding))
         os.makedirs(output_dir, exist_ok=True)
-        writers: dict[str, np.ndarray] = {}
         for index in range(num_batches):
-            shard, row = divmod(index, shard_size)
             batch = next(batches)
             logprobs, ids, target = (_gather(x) for x in step(params, batch))
             values = {"logprobs": logprobs, "ids": ids, "target_logprob": target,
                       "targets": _gather(batch["decoder_target_tokens"])}
-            if jax.process_index() != 0:
-                continue
-            if row == 0:
-                for w in writers.values():
-                    w.flush()
-                rows = min(shard_size, num_batches - index)
-                writers = {name: np.lib.format.open_memmap(
-                    _file(output_dir, name, shard), mode="w+", dtype=dtype, shape=(rows,) + values[name].shape)
-                    for name, (dtype, _) in _ARRAYS.items()}
-            for name, value in values.items():
-                writers[name][row] = value
+            if cross_tokenizer:
+                values[ta.ALIGNED] = _gather(batch[ta.ALIGNED])
+            if jax.process_index() == 0:
+                writer.write(index, values)
             if (index + 1) % 50 == 0:
                 logger.info("dumped teacher top-%d of %d / %d batches", k, index + 1, num_batches)
     if jax.process_index() == 0:
-        for w in writers.values():
-            w.flush()
+        writer.flush()
         meta = {"format_version": FORMAT_VERSION, "num_batches": num_batches, "shard_size": shard_size, "k": k,
                 "vocab_size": teacher_model.vocab_size, "batch_size": batch_size, "task_feature_lengths": lengths,
                 "mixture_or_task_name": mixture_or_task_name, "seed": seed, "pack": pack,
-                "teacher_checkpoint": os.path.abspath(teacher_checkpoint)}
+                "cross_tokenizer": cross_tokenizer, "teacher_checkpoint": os.path.abspath(teacher_checkpoint)}
         with open(os.path.join(output_dir, META), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
     logger.info("outputs in %s: %s, %s (%d shards; the teacher's top-%d log-probs of %d batches)", output_dir, META,
-                ", ".join(f"{name}-*.npy" for name in _ARRAYS), -(-num_batches // shard_size), k, num_batches)
+                ", ".join(f"{name}-*.npy" for name in _ARRAYS if cross_tokenizer or name != ta.ALIGNED),
+                -(-num_batches // shard_size), k, num_batches)
     return output_dir

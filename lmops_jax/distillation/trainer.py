@@ -20,15 +20,27 @@ jitted step, over the student's decode API and KV cache: `sample_from_student`).
 then score the sampled rows and the loss is the KD term alone
 on the sampled tokens. Rows are treated as one sequence each (exact for `synthetic_lm`).
 
+Hidden states (`hidden_states`). With `hidden_layer_pairs`, the loss adds, per pair, its weight times a
+cosine or MSE loss between the student's and the teacher's module outputs (through a learned map, a
+student parameter, when the widths differ).
+
+Cross-tokenizer (`kd_loss='uld'`, `token_alignment`). The teacher reads its own tokenization of the
+student's text (built on the host per batch) and the KD term is the ULD distance (`losses.uld`) between
+the two next-token distributions at aligned positions (both predict a token starting at the same byte
+of the text); elsewhere it is 0. Offline stores hold the aligned teacher top-k per student position.
+
 Per weighted token the student minimizes
     alpha * KD(teacher, student; kind, temperature, beta)  +  (1 - alpha) * CE(student, targets)  +  z-loss
+      + sum over hidden pairs of weight * hidden-state loss
 (`alpha` and `temperature` may be optax schedules of the step). Losses are sums normalized by the whole
 batch's token weight, so gradient accumulation matches the large batch as for `Trainer`. When the
 rules shard the vocabulary over a mesh axis of size > 1 (`tp` presets), KD, CE, argmax and the top-k
 KD run per vocabulary shard (`losses.vocab_parallel.VocabParallelTokenLosses`, else the plain
 `losses.TokenLosses`, which `losses.kd_loss` uses): full-vocabulary logits are never gathered.
 Metrics (per weighted token): `kd_loss`, `ce_loss`, `teacher_agreement` (top-1), `teacher_loss` (the
-teacher's CE on the batch); per step: `kd_alpha`, `kd_temperature`, `on_policy`.
+teacher's CE on the batch), `hidden_loss` (with hidden pairs), `aligned` (cross-tokenizer, in place of
+teacher_agreement and teacher_loss: the fraction of tokens aligned); per step: `kd_alpha`,
+`kd_temperature`, `on_policy`.
 """
 from __future__ import annotations
 
@@ -43,14 +55,18 @@ import jax.numpy as jnp
 from lmops_jax import checkpoints, losses
 from lmops_jax.inference import decoding
 from lmops_jax.losses import vocab_parallel as vp
+from lmops_jax.distillation import hidden_states as hs
+from lmops_jax.distillation import token_alignment as ta
 from lmops_jax.distillation.topk_store import (TOPK_IDS, TOPK_LOGPROBS, TARGET_LOGPROB, TopKBatches, TopKStore,
-                                          check_teacher_vocabulary, dump_teacher_topk)
+                                          check_teacher_vocabulary, dump_teacher_topk, student_vocabulary,
+                                          teacher_vocabulary)
 from lmops_jax.models import loading
 from lmops_jax.models.model import BaseModel
 from lmops_jax.training.trainer import Trainer
 
 ScalarOrSchedule = float | Callable[[Any], Any]
 ON_POLICY = "gkd_on_policy"  # batch key: int32 [B], 1 for rows sampled from the student
+ULD = "uld"  # KD_LOSS of cross-tokenizer distillation
 
 __all__ = ["DistillationTrainer", "TopKStore", "dump_teacher_topk", "sample_from_student", "main"]
 
@@ -104,7 +120,8 @@ class DistillationTrainer(Trainer):
     Attributes (beyond Trainer's):
       teacher_checkpoint: Orbax checkpoint of the teacher (TEACHER_CHECKPOINT); its stored model spec
         builds the teacher model. With `topk_dir` only its spec is read (for the vocabulary checks).
-      kd_loss: 'forward_kl', 'reverse_kl' or 'jsd' (KD_LOSS); offline top-k supports 'forward_kl'.
+      kd_loss: 'forward_kl', 'reverse_kl' or 'jsd' (KD_LOSS); offline top-k supports 'forward_kl'; 'uld':
+        cross-tokenizer distillation (the teacher's vocabulary may differ; module docstring).
       kd_temperature: softmax temperature T > 0, constant or schedule (KD_TEMPERATURE); KD is scaled by T^2.
       kd_alpha: weight of the KD term in [0, 1], constant or schedule (KD_ALPHA).
       kd_beta: JSD mixture weight of the teacher (KD_BETA).
@@ -118,6 +135,11 @@ class DistillationTrainer(Trainer):
       gkd_eos_id: EOS id ending on-policy samples (-1: never).
       vocab_parallel: None decides from the rules (vocabulary sharded over a mesh axis of size > 1);
         False always uses the plain losses (GSPMD may gather the vocabulary); True requires sharding.
+      hidden_layer_pairs: [(student module path, teacher module path), ...] (HIDDEN_LAYER_PAIRS).
+      hidden_loss: 'cosine' or 'mse' (HIDDEN_LOSS).
+      hidden_weights: one weight for every pair, or one per pair (HIDDEN_WEIGHTS).
+      teacher_length: 'uld': tokens per teacher row (KD_TEACHER_LENGTH); None: the student's targets length.
+      teacher_vocabulary: 'uld': the teacher's seqio vocabulary or tokenizer path; None: its checkpoint's.
     """
 
     teacher_checkpoint: str | None = None
@@ -133,11 +155,17 @@ class DistillationTrainer(Trainer):
     gkd_temperature: float = 1.0
     gkd_eos_id: int = 1
     vocab_parallel: bool | None = None
+    hidden_layer_pairs: Sequence[Sequence[str]] = ()
+    hidden_loss: str = "cosine"
+    hidden_weights: float | Sequence[float] = 1.0
+    teacher_length: int | None = None
+    teacher_vocabulary: Any = None
 
     def __post_init__(self):
-        if self.kd_loss not in losses.KD_KINDS:
-            raise ValueError(f"unknown KD_LOSS {self.kd_loss!r}; choose one of {losses.KD_KINDS}")
-        losses.check_kd_args(self.kd_loss, self.kd_temperature, self.kd_beta)
+        if self.kd_loss not in (*losses.KD_KINDS, ULD):
+            raise ValueError(f"unknown KD_LOSS {self.kd_loss!r}; choose one of {(*losses.KD_KINDS, ULD)}")
+        self.cross_tokenizer = self.kd_loss == ULD
+        losses.check_kd_args("forward_kl" if self.cross_tokenizer else self.kd_loss, self.kd_temperature, self.kd_beta)
         if isinstance(self.kd_alpha, (int, float)) and not 0.0 <= self.kd_alpha <= 1.0:
             raise ValueError(f"KD_ALPHA must lie in [0, 1], got {self.kd_alpha}")
         if not 0.0 <= self.gkd_lambda <= 1.0:
@@ -174,12 +202,21 @@ class DistillationTrainer(Trainer):
             if not 0 <= self.gkd_prompt_length < int(self.task_feature_lengths["targets"]):
                 raise ValueError(f"GKD_PROMPT_LENGTH={self.gkd_prompt_length} must lie in [0, targets length "
                                  f"{self.task_feature_lengths['targets']})")
+        self._aligner: ta.TokenAligner | None = None
+        if self.cross_tokenizer:
+            self._check_cross_tokenizer()
+        self.hidden_pairs = hs.parse_pairs(self.hidden_layer_pairs, self.hidden_weights)
+        if self.hidden_pairs:
+            self.model = self._with_hidden_maps()
         self.token_losses = self._token_losses()
+        if self.cross_tokenizer and type(self.token_losses) is not losses.TokenLosses:
+            raise NotImplementedError("KD_LOSS='uld' sorts whole distributions; a vocabulary sharded over the mesh "
+                                      "(tp rules) is not supported: use rules that keep the vocabulary whole")
         super().__post_init__()
 
     # --------------------------------------------------------------------------------------- set-up
     def _check_teacher_matches(self, teacher: BaseModel) -> None:
-        if teacher.vocab_size != self.model.vocab_size:
+        if teacher.vocab_size != self.model.vocab_size and not self.cross_tokenizer:
             raise ValueError(
                 f"teacher and student must share a vocabulary: teacher vocab_size={teacher.vocab_size}, "
                 f"student vocab_size={self.model.vocab_size}")
@@ -188,16 +225,46 @@ class DistillationTrainer(Trainer):
                 f"teacher and student must read the same batches: the teacher's feature converter is "
                 f"{teacher.feature_converter_cls.__name__}, the student's {self.model.feature_converter_cls.__name__}")
 
+    def _check_cross_tokenizer(self) -> None:
+        """What KD_LOSS='uld' needs: decoder-only teacher and student, teacher-forced batches, no hidden pairs."""
+        for who, m in (("student", self.model), ("teacher", self.teacher_model)):
+            if m is not None and "encoder_input_tokens" in m.input_shapes(1, {"inputs": 1, "targets": 1}):
+                raise NotImplementedError(f"cross-tokenizer distillation aligns decoder-only sequences; the {who} is "
+                                          f"an encoder-decoder model ({type(m).__name__})")
+        if self.gkd_lambda > 0:
+            raise NotImplementedError("on-policy distillation with KD_LOSS='uld' would re-tokenize the student's "
+                                      "samples for the teacher inside the step; set GKD_LAMBDA=0")
+        if self.hidden_layer_pairs:
+            raise ValueError("HIDDEN_LAYER_PAIRS compare hidden states position by position, which KD_LOSS='uld' "
+                             "(different tokenizations of the text) does not have; unset one of them")
+        if self.teacher_length is not None and self.teacher_length < 1:
+            raise ValueError(f"KD_TEACHER_LENGTH must be >= 1 (or None), got {self.teacher_length}")
+
+    def _with_hidden_maps(self) -> hs.HiddenMapsModel:
+        """The student with a learned map for every pair whose widths differ (needs the online teacher)."""
+        if self.offline:
+            raise ValueError("HIDDEN_LAYER_PAIRS need the teacher's hidden states, which an offline top-k store "
+                             "(KD_TOPK_DIR) does not hold; unset one of them")
+        if self.hidden_loss not in hs.HIDDEN_LOSSES:
+            raise ValueError(f"unknown HIDDEN_LOSS {self.hidden_loss!r}; choose one of {hs.HIDDEN_LOSSES}")
+        student = hs.hidden_widths(self.model, [p.student for p in self.hidden_pairs])
+        teacher = hs.hidden_widths(self.teacher_model, [p.teacher for p in self.hidden_pairs])
+        maps = tuple((i, student[p.student], teacher[p.teacher]) for i, p in enumerate(self.hidden_pairs)
+                     if student[p.student] != teacher[p.teacher])
+        return hs.HiddenMapsModel(self.model, maps)
+
     def _init_offline(self) -> None:
-        if self.kd_loss != "forward_kl":
-            raise ValueError(f"offline top-k distillation (KD_TOPK_DIR) supports KD_LOSS='forward_kl' only, got "
-                             f"{self.kd_loss!r}: the teacher's distribution beyond its top-k is unknown")
+        if self.kd_loss not in ("forward_kl", ULD):
+            raise ValueError(f"offline top-k distillation (KD_TOPK_DIR) supports KD_LOSS='forward_kl' only (or "
+                             f"'uld' across tokenizers), got {self.kd_loss!r}: the teacher's distribution beyond its "
+                             "top-k is unknown")
         self.store = TopKStore(self.topk_dir)
         meta = self.store.meta
-        expected = {"vocab_size": self.model.vocab_size, "batch_size": self.batch_size,
+        vocab = self.teacher_model.vocab_size if self.cross_tokenizer else self.model.vocab_size
+        expected = {"vocab_size": vocab, "batch_size": self.batch_size, "cross_tokenizer": self.cross_tokenizer,
                     "task_feature_lengths": {k: int(v) for k, v in self.task_feature_lengths.items()}}
         for key, value in expected.items():
-            if meta.get(key) != value:
+            if meta.get(key, False if key == "cross_tokenizer" else None) != value:  # older stores: same tokenizer
                 raise ValueError(f"top-k store {self.topk_dir} was dumped with {key}={meta.get(key)!r}, this run "
                                  f"has {key}={value!r}; dump it again with this run's flags")
         if self.store.num_batches < self.num_train_steps:
@@ -232,8 +299,14 @@ class DistillationTrainer(Trainer):
 
     def check_data(self, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int]) -> None:
         """Teacher (its checkpoint's vocabulary) and student task must share the vocabulary; the top-k
-        store must come from this task and seed."""
-        check_teacher_vocabulary(self._teacher_vocabulary, mixture_or_task_name)
+        store must come from this task and seed. Cross-tokenizer: builds the aligner of the two vocabularies."""
+        if self.cross_tokenizer:
+            self._aligner = ta.TokenAligner(
+                student_vocabulary(mixture_or_task_name),
+                teacher_vocabulary(self.teacher_vocabulary, self._teacher_vocabulary),
+                self.teacher_length or int(self.task_feature_lengths["targets"]))
+        else:
+            check_teacher_vocabulary(self._teacher_vocabulary, mixture_or_task_name)
         if self.offline:
             meta = self.store.meta
             for key, value in (("mixture_or_task_name", mixture_or_task_name), ("seed", self.seed)):
@@ -243,43 +316,71 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------- the loss
     def loss_fn(self, params, batch, rng, loss_normalizer, inputs, step):
-        student_logits = self.model.compute_logits(params, batch, rng)
+        student_logits, student_hidden = self._student_forward(params, batch, rng)
         targets = batch["decoder_target_tokens"]
         weights = batch["decoder_loss_weights"].astype(jnp.float32)
         alpha = losses.resolve_schedule(self.kd_alpha, step)
         temperature = losses.resolve_schedule(self.kd_temperature, step)
-        token_losses = self.token_losses
-        if self.offline:
-            kd = token_losses.kd_from_topk(student_logits, batch[TOPK_LOGPROBS], batch[TOPK_IDS],
-                                           temperature=temperature)
-            teacher_top1 = batch[TOPK_IDS][..., 0]
-            teacher_ce = -batch[TARGET_LOGPROB].astype(jnp.float32)
-        else:
-            teacher_logits = jax.lax.stop_gradient(
-                self.teacher_model.compute_logits(jax.lax.stop_gradient(inputs), batch))
-            kd = token_losses.kd(student_logits, teacher_logits, kind=self.kd_loss, temperature=temperature,
-                                 beta=self.kd_beta)
-            teacher_top1 = token_losses.argmax(teacher_logits)
-            teacher_ce, _ = token_losses.cross_entropy(teacher_logits, targets)
-        ce_and_z, z = token_losses.cross_entropy(student_logits, targets, z_loss=self.model.z_loss,
-                                                 label_smoothing=self.model.label_smoothing)
+        kd, per_token, teacher_hidden = self._teacher_terms(student_logits, batch, inputs, temperature)
+        ce_and_z, z = self.token_losses.cross_entropy(student_logits, targets, z_loss=self.model.z_loss,
+                                                      label_smoothing=self.model.label_smoothing)
         ce = ce_and_z - z
         if ON_POLICY in batch:  # sampled rows: their "targets" are the student's own tokens, so KD only
             alpha = jnp.where(batch[ON_POLICY][:, None] > 0, 1.0, alpha)
         token_loss = alpha * kd + (1.0 - alpha) * ce + z
-        student_top1 = token_losses.argmax(student_logits)
+        if self.hidden_pairs:
+            per_token["hidden_loss"] = sum(
+                pair.weight * hs.hidden_state_loss(student_hidden[pair.student], teacher_hidden[pair.teacher],
+                                                   self.model.map_kernel(params, i), self.hidden_loss)
+                for i, pair in enumerate(self.hidden_pairs))
+            token_loss = token_loss + per_token["hidden_loss"]
         sums = lambda x: jnp.sum(x * weights)  # noqa: E731
-        metrics = {
-            "loss_sum": sums(token_loss),
-            "kd_loss_sum": sums(kd),
-            "ce_loss_sum": sums(ce),
-            "z_loss_sum": sums(z),
-            "correct_sum": sums((student_top1 == targets).astype(jnp.float32)),
-            "teacher_agreement_sum": sums((student_top1 == teacher_top1).astype(jnp.float32)),
-            "teacher_loss_sum": sums(teacher_ce),
-            "weight_sum": jnp.sum(weights),
-        }
+        metrics = {"loss_sum": sums(token_loss), "kd_loss_sum": sums(kd), "ce_loss_sum": sums(ce), "z_loss_sum": sums(z),
+                   "correct_sum": sums((self.token_losses.argmax(student_logits) == targets).astype(jnp.float32)),
+                   "weight_sum": jnp.sum(weights)}
+        metrics.update({f"{name}_sum": sums(value) for name, value in per_token.items()})
         return metrics["loss_sum"] / loss_normalizer, metrics
+
+    def _student_forward(self, params, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(student logits [B, L, V], {module path: hidden state} of the hidden pairs' student modules)."""
+        if not self.hidden_pairs:
+            return self.model.compute_logits(params, batch, rng), {}
+        return hs.forward_with_hidden(self.model.base, self.model.student_params(params), batch,
+                                      [p.student for p in self.hidden_pairs])
+
+    def _teacher_forward(self, teacher_params, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(teacher logits, {module path: hidden state}), neither differentiated."""
+        teacher_params = jax.lax.stop_gradient(teacher_params)
+        if self.hidden_pairs:
+            out = hs.forward_with_hidden(self.teacher_model, teacher_params, batch, [p.teacher for p in self.hidden_pairs])
+        else:
+            out = self.teacher_model.compute_logits(teacher_params, batch), {}
+        return jax.lax.stop_gradient(out)
+
+    def _teacher_terms(self, student_logits, batch, inputs, temperature):
+        """(KD per token [B, L], teacher metrics per token {name: [B, L]}, teacher hidden states)."""
+        token_losses = self.token_losses
+        if self.cross_tokenizer:
+            aligned = batch[ta.ALIGNED].astype(jnp.float32)
+            if self.offline:
+                kd = losses.uld_from_topk(student_logits, batch[TOPK_LOGPROBS], temperature=temperature)
+            else:
+                teacher_logits, _ = self._teacher_forward(inputs, ta.teacher_batch(batch))
+                at_aligned = jnp.take_along_axis(teacher_logits, batch[ta.ALIGNED_INDEX][..., None], axis=1)
+                kd = losses.uld(student_logits, at_aligned, temperature=temperature)
+            return kd * aligned, {"aligned": aligned}, {}
+        if self.offline:
+            kd = token_losses.kd_from_topk(student_logits, batch[TOPK_LOGPROBS], batch[TOPK_IDS],
+                                           temperature=temperature)
+            teacher_top1, teacher_ce, hidden = batch[TOPK_IDS][..., 0], -batch[TARGET_LOGPROB].astype(jnp.float32), {}
+        else:
+            teacher_logits, hidden = self._teacher_forward(inputs, batch)
+            kd = token_losses.kd(student_logits, teacher_logits, kind=self.kd_loss, temperature=temperature,
+                                 beta=self.kd_beta)
+            teacher_top1 = token_losses.argmax(teacher_logits)
+            teacher_ce, _ = token_losses.cross_entropy(teacher_logits, batch["decoder_target_tokens"])
+        agreement = (token_losses.argmax(student_logits) == teacher_top1).astype(jnp.float32)
+        return kd, {"teacher_agreement": agreement, "teacher_loss": teacher_ce}, hidden
 
     def _train_step(self, state, batch, inputs):
         on_policy = jnp.zeros((), bool)
@@ -303,9 +404,15 @@ class DistillationTrainer(Trainer):
         return new_state, metrics
 
     def fit(self, state, train_batches: Iterator, **kwargs):
-        """Trainer.fit; offline, each batch first gets its stored teacher top-k (checked token for token)."""
+        """Trainer.fit; offline, each batch first gets its stored teacher top-k (checked token for token);
+        cross-tokenizer online, the teacher's tokenization and the alignment (`token_alignment`)."""
         if self.offline:
             train_batches = TopKBatches(train_batches, self.store, self.batch_sharding)
+        elif self.cross_tokenizer:
+            if self._aligner is None:
+                raise ValueError("KD_LOSS='uld' aligns the student's task with the teacher's vocabulary: call "
+                                 "check_data(task, lengths) before fit (train() does)")
+            train_batches = ta.AlignedBatches(train_batches, self._aligner, self.batch_sharding)
         return super().fit(state, train_batches, **kwargs)
 
 
