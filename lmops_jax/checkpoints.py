@@ -23,6 +23,7 @@ import re
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -43,6 +44,87 @@ class CheckpointError(ValueError):
 def _state_to_tree(state: Any) -> dict:
     """The saved tree of a train state (any object with step, params and opt_state attributes)."""
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+
+
+# A model that scans its layers (`models.decoder_only.scanned_layers`) holds them in one scope named
+# STACKED_LAYERS, every leaf stacked [num_layers, ...]. Checkpoints hold them per layer, `layers_0`,
+# `layers_1`, ..., as an unscanned model names them: `per_layer` on save, `stacked_layers` on restore, for
+# params and for optimizer states that mirror them. So any checkpoint restores into either layout.
+STACKED_LAYERS = "layers"
+
+
+def _num_layers(stacked: Mapping) -> int:
+    return next(x.shape[0] for x in jax.tree.leaves(stacked) if getattr(x, "shape", ()))
+
+
+def _layer(leaf: Any, i: int, n: int) -> Any:
+    """Layer i of a stacked leaf: an array, a ShapeDtypeStruct (and its NamedSharding), or as it is."""
+    if not getattr(leaf, "shape", ()):
+        return leaf
+    if leaf.shape[0] != n:
+        raise CheckpointError(f"a leaf of shape {tuple(leaf.shape)} under the scanned '{STACKED_LAYERS}' scope does "
+                              f"not stack {n} layers, so it cannot be saved per layer")
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        sharding = leaf.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+        return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=sharding)
+    return leaf[i]
+
+
+def per_layer(tree: Any) -> Any:
+    """`tree` (params, an optimizer state, their ShapeDtypeStructs) with every STACKED_LAYERS scope split
+    into `layers_0` .. `layers_{n-1}`, through dicts, lists and named tuples; without one, `tree` itself."""
+    if not has_stacked_layers(tree):
+        return tree
+    if isinstance(tree, (list, tuple)):
+        children = [per_layer(x) for x in tree]
+        return type(tree)(*children) if hasattr(tree, "_fields") else type(tree)(children)
+    out = {}
+    for key, value in tree.items():
+        if key == STACKED_LAYERS and isinstance(value, Mapping):
+            n = _num_layers(value)
+            out.update({f"layers_{i}": jax.tree.map(lambda x, i=i: _layer(x, i, n), value) for i in range(n)})
+        else:
+            out[key] = per_layer(value)
+    return out
+
+
+def _stack(like_leaf: Any, *layers: Any) -> Any:
+    out = jnp.stack(layers)
+    sharding = getattr(like_leaf, "sharding", None)
+    return out if sharding is None else jax.device_put(out, sharding)
+
+
+def stacked_layers(tree: Any, like: Any) -> Any:
+    """The inverse of `per_layer`: `tree`'s `layers_i` gathered into the STACKED_LAYERS scopes of `like`
+    (the model's tree of ShapeDtypeStructs, whose shardings the stacked arrays take)."""
+    if not has_stacked_layers(like):
+        return tree
+    if isinstance(like, Mapping):
+        out = {}
+        for key, value in like.items():
+            if key == STACKED_LAYERS and isinstance(value, Mapping):
+                out[key] = jax.tree.map(_stack, value, *(tree[f"layers_{i}"] for i in range(_num_layers(value))))
+            else:
+                out[key] = stacked_layers(tree[key], value)
+        return out
+    if isinstance(like, (list, tuple)):
+        children = [stacked_layers(t, l) for t, l in zip(tree, like)]
+        return type(like)(*children) if hasattr(like, "_fields") else type(like)(children)
+    return tree
+
+
+def has_stacked_layers(tree: Any) -> bool:
+    """Whether a tree holds a scanned model's STACKED_LAYERS scope."""
+    if isinstance(tree, Mapping):
+        return any((k == STACKED_LAYERS and isinstance(v, Mapping)) or has_stacked_layers(v) for k, v in tree.items())
+    return isinstance(tree, (list, tuple)) and any(has_stacked_layers(x) for x in tree)
+
+
+def _typed(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying their shardings (one tree to split per layer)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def _manager(directory: str, *, period: int = 1, keep: int | None = None, keep_period: int | None = None,
@@ -110,7 +192,7 @@ class Checkpointer:
         if step in self.manager.all_steps() or not (force or step % self.config.period == 0):
             return False
         args = ocp.args.Composite(**{
-            STATE: ocp.args.PyTreeSave(_state_to_tree(state)),
+            STATE: ocp.args.PyTreeSave(per_layer(_state_to_tree(state))),
             DATA: ocp.args.JsonSave(dict(data_state or {})),
             CONFIG: _config_item(config_str, model_spec),
         })
@@ -129,8 +211,9 @@ class Checkpointer:
         the manager's step list, so the run saves that step again when it reaches it) and skipped, falling
         back to the one before.
         """
-        target = _state_to_tree(abstract_state)
-        restore_args = ocp.checkpoint_utils.construct_restore_args(target, _state_to_tree(shardings))
+        like = _typed(_state_to_tree(abstract_state), _state_to_tree(shardings))
+        target = per_layer(like)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target, jax.tree.map(lambda a: a.sharding, target))
         for step in reversed(self.all_steps()):
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**{
@@ -141,7 +224,7 @@ class Checkpointer:
                 logging.error("checkpoint step %d in %s is unreadable (%s: %s); moved it to %s and falling back "
                               "to an earlier step", step, self.directory, type(e).__name__, str(e)[:300], aside)
                 continue
-            tree = restored[STATE]
+            tree = stacked_layers(restored[STATE], like)
             state = abstract_state.replace(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"])
             return state, dict(restored[DATA] or {}), step
         if self.all_steps():
@@ -292,6 +375,13 @@ def restore_params(
     Raises:
       CheckpointError listing every parameter with mismatched shapes (both shapes) and every missing key.
     """
+    if has_stacked_layers(abstract_params):  # a scanned model: restored per layer, then stacked
+        like = _typed(abstract_params, shardings)
+        flat = per_layer(like)
+        fresh = None if init_missing is None else (lambda: per_layer(init_missing()))
+        params = restore_params(path, flat, jax.tree.map(lambda a: a.sharding, flat),
+                                assignment_map=assignment_map, init_missing=fresh)
+        return stacked_layers(params, like)
     manager, directory, step = _open_step(path)
     ckpt = _param_metadata(manager, step)
     names, treedef = leaf_names(abstract_params), jax.tree.structure(abstract_params)
@@ -335,10 +425,11 @@ def restore_params(
 def save_params(model_dir: str, params: Any, config_str: str, step: int = 0, *,
                 model_spec: Mapping[str, Any] | None = None) -> str:
     """Writes a params-only checkpoint (e.g. converted weights) readable by `restore_params`, with the gin
-    text and the model spec JSON (`models.spec.ModelSpec.to_json()`) that rebuild its model."""
+    text and the model spec JSON (`models.spec.ModelSpec.to_json()`) that rebuild its model. A scanned
+    model's stacked layers are written per layer, as `Checkpointer.save` writes them."""
     manager = _manager(os.path.join(model_dir, CHECKPOINTS_SUBDIR), async_save=False)
     manager.save(step, args=ocp.args.Composite(**{
-        STATE: ocp.args.PyTreeSave({"step": np.int32(step), "params": params}),
+        STATE: ocp.args.PyTreeSave({"step": np.int32(step), "params": per_layer(params)}),
         DATA: ocp.args.JsonSave({}), CONFIG: _config_item(config_str, model_spec)}), force=True)
     manager.wait_until_finished()
     manager.close()

@@ -15,6 +15,7 @@ Presets (`LOGICAL_AXIS_RULES = 'dp' | 'fsdp' | 'tp' | 'fsdp_tp'`), on a mesh wit
   tp       Megatron tensor parallelism: `heads`, `kv_heads`, `mlp`, `vocab` and their activations
            over `model`.
   fsdp_tp  both.
+Every preset keeps `layers`, the leading axis of a scanned model's stacked layer params, unsplit.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ Rules = tuple[tuple[str, MeshAxes], ...]
 STANDARD_MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
 
-_DP: Rules = (("batch", BATCH_AXES),)
+_DP: Rules = (("batch", BATCH_AXES), ("layers", None))  # a scanned model's stacked layers: never split
 _FSDP: Rules = (("embed", "fsdp"), ("mlp", "fsdp"), ("vocab", "fsdp"), ("heads", "fsdp"))
 _TP: Rules = (
     ("heads", "model"), ("kv_heads", "model"), ("mlp", "model"), ("vocab", "model"),

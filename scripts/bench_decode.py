@@ -5,7 +5,9 @@ random init) decodes 128 new tokens after a 16-token prompt at batch 1 and 8. Th
 PyTorch model gets the same weights, copied through the one-to-one layout documented in
 `lmops_jax/models/decoder_only.py`, so both should emit the same tokens; the agreement is reported.
 Compile time (and PyTorch's first-call overhead) is excluded by a warm-up run; each figure is the best
-of `--repeats` timed runs (default 5). The last line printed is one JSON object with the figures.
+of `--repeats` timed runs (default 5). Ours runs with the CPU XLA flags `python -m lmops_jax.infer` and
+`serve` set (`lmops_jax.cli.xla_flags`, inference: none today). The last line printed is one JSON object
+with the figures.
 
     python scripts/bench_decode.py [--repeats 5] [--new_tokens 128] [--prompt_length 16]
 """
@@ -19,6 +21,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lmops_jax.cli import xla_flags  # noqa: E402
+
+xla_flags.configure(xla_flags.INFERENCE)  # the CPU flags of `python -m lmops_jax.infer` and `serve` (none today)
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

@@ -1,4 +1,5 @@
-"""The one runner behind every `python -m lmops_jax.<job>`: logging, flags, jax.distributed, exit codes.
+"""The one runner behind every `python -m lmops_jax.<job>`: logging, XLA flags (`xla_flags`), the compilation
+cache (`compile_cache`), flags, jax.distributed, exit codes.
 
 A job is one of two shapes, so each entry point stays a few lines:
   GinJob(fn, bound_by)          train, infer, `distillation dump_topk`: flags --gin_file, --gin.NAME=VALUE,
@@ -34,7 +35,7 @@ from typing import Any, Callable, Mapping, NoReturn, Protocol, Sequence
 
 import jax
 
-from lmops_jax.cli import compile_cache, gin_flags
+from lmops_jax.cli import compile_cache, gin_flags, xla_flags
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,9 +171,12 @@ def _one_line(error: BaseException) -> str:
     return "; ".join(line for line in lines if line and not line.startswith("In call to configurable "))
 
 
-def run(prog: str, description: str, jobs: Job | Mapping[str, Job], argv: Sequence[str] | None = None) -> int:
-    """Parses argv (default sys.argv[1:]), runs the chosen job and returns the exit code (module docstring)."""
+def run(prog: str, description: str, jobs: Job | Mapping[str, Job], argv: Sequence[str] | None = None, *,
+        workload: str = xla_flags.INFERENCE) -> int:
+    """Parses argv (default sys.argv[1:]), runs the chosen job and returns the exit code (module docstring).
+    `workload` ('training' or 'inference') picks the CPU XLA flags set first (`xla_flags`)."""
     configure_logging()
+    xla_flags.configure(workload)
     compile_cache.configure()
     parser = build_parser(prog, description, jobs)
     try:

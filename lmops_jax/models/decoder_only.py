@@ -11,6 +11,11 @@ Parameter names and layouts follow Hugging Face `LlamaForCausalLM` one-to-one, t
     layers_i/{input,post_attention}_layernorm/scale [D];  norm/scale [D]
     lm_head/kernel                  [D, V]        lm_head.weight.T (absent when tied)
 
+With `scan_layers` the layers run through `nn.scan` (`scanned_layers`): one scope `layers` whose params
+are stacked [num_layers, ...] (logical axis `layers` first), e.g. `layers/self_attn/q_proj/kernel`
+[N, D, H, Dh]. Checkpoints still hold the per-layer names above (`checkpoints.per_layer`), and the
+KV-cache path below needs the unscanned model.
+
 KV-cache decoding (`decode=True`, apply with `mutable=["cache"]`): the `cache` collection holds
 `cache_index` int32 [B], the number of positions written so far per example, and in every layer
 `self_attn/cached_key` / `cached_value` [B, K, Dh, S] (see `layers.Attention`); every leaf has the row
@@ -30,7 +35,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lmops_jax.models import layers, paged_attention
+from lmops_jax.models import attention, layers, paged_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +57,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     remat: bool = False
     remat_policy: str = "full"  # with remat: what the backward keeps (layers.REMAT_POLICIES)
+    scan_layers: bool = False  # training runs the layers through nn.scan (params stacked under `layers`)
 
     def __post_init__(self):
         layers.check_remat_policy(self.remat_policy, "LlamaConfig")
@@ -82,6 +88,26 @@ class DecoderLayer(nn.Module):
         x = layers.constrain(x + h, ("batch", "length", "act_embed"))
         h = layers.GatedMLP(cfg.mlp_dim, "silu", dtype, param_dtype, name="mlp")(norm("post_attention_layernorm")(x))
         return layers.constrain(x + h, ("batch", "length", "act_embed"))
+
+
+class ScannedDecoderLayer(DecoderLayer):
+    """A `DecoderLayer` as an `nn.scan` body: (x, None) -> (x, None), mask and positions broadcast."""
+
+    def __call__(self, x, mask, positions):
+        return super().__call__(x, mask, positions), None
+
+
+def scanned_layers(cfg: LlamaConfig) -> nn.Module:
+    """All `cfg.num_layers` layers as one scanned module: params stacked [num_layers, ...] with the logical
+    axis `layers` first, the layer body traced and compiled once. With remat the body is rematerialized
+    inside the scan, as MaxText composes them (`prevent_cse=False`: the scan already keeps XLA from
+    merging the recomputation into the forward)."""
+    body = nn.remat(ScannedDecoderLayer, policy=layers.REMAT_POLICIES[cfg.remat_policy], prevent_cse=False) \
+        if cfg.remat else ScannedDecoderLayer
+    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                   metadata_params={nn.PARTITION_NAME: layers.SCANNED_AXIS})
+    return scan(cfg, name=layers.SCANNED_SCOPE)
 
 
 class LlamaDecoder(nn.Module):
@@ -117,14 +143,23 @@ class LlamaDecoder(nn.Module):
         embed = layers.Embed(cfg.vocab_size, cfg.d_model, dtype, param_dtype,
                              nn.initializers.normal(stddev=embed_std), name="embed_tokens")
         x = layers.constrain(embed(tokens), ("batch", "length", "act_embed"))
-        mask = None if decode else layers.make_attention_mask(
+        mask = None if decode else attention.make_attention_mask(
             segment_ids, segment_ids, query_length=length, key_length=length, causal=True,
             query_positions=positions if segment_ids is not None else None,
             key_positions=positions if segment_ids is not None else None)
-        layer_cls = layers.maybe_remat(DecoderLayer, cfg.remat and not decode, cfg.remat_policy)
-        for i in range(cfg.num_layers):
-            # decode is passed only when set: nn.remat (training) would trace a bool argument.
-            x = layer_cls(cfg, name=f"layers_{i}")(x, mask, positions, *((True, block_table, pages) if decode else ()))
+        if cfg.scan_layers:
+            if decode:
+                raise NotImplementedError(
+                    "LlamaConfig.scan_layers=True: the KV-cache decode path runs the layers one by one, not "
+                    "scanned; decode with scan_layers=False (checkpoints hold the per-layer params, and the model "
+                    "spec a scanned run saves has scan_layers=False, so loaded models decode)")
+            x, _ = scanned_layers(cfg)(x, mask, positions)
+        else:
+            layer_cls = layers.maybe_remat(DecoderLayer, cfg.remat and not decode, cfg.remat_policy)
+            for i in range(cfg.num_layers):
+                # decode is passed only when set: nn.remat (training) would trace a bool argument.
+                x = layer_cls(cfg, name=f"layers_{i}")(x, mask, positions,
+                                                       *((True, block_table, pages) if decode else ()))
         x = layers.RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, name="norm")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x)

@@ -50,7 +50,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmops_jax.models import layers
+from lmops_jax.models import attention, layers
 
 _ACT = ("batch", "length", "act_embed")
 
@@ -260,10 +260,10 @@ class T5EncoderDecoder(nn.Module):
         """
         length = encoder_input_tokens.shape[1]
         if encoder_segment_ids is None:
-            mask = layers.make_attention_mask(None, _not_padding(encoder_input_tokens), query_length=length,
+            mask = attention.make_attention_mask(None, _not_padding(encoder_input_tokens), query_length=length,
                                               key_length=length, causal=False)
         else:
-            mask = layers.make_attention_mask(encoder_segment_ids, encoder_segment_ids, query_length=length,
+            mask = attention.make_attention_mask(encoder_segment_ids, encoder_segment_ids, query_length=length,
                                               key_length=length, causal=False)
         x = layers.constrain(self.shared(encoder_input_tokens), _ACT)
         return self.encoder(x, mask, encoder_positions)
@@ -293,15 +293,15 @@ class T5EncoderDecoder(nn.Module):
             return layers.constrain(self.lm_head(y), ("batch", "length", "act_vocab"))
         enc_len, dec_len = encoder_input_tokens.shape[1], decoder_input_tokens.shape[1]
         packed = decoder_segment_ids is not None
-        self_mask = layers.make_attention_mask(
+        self_mask = attention.make_attention_mask(
             decoder_segment_ids, decoder_segment_ids, query_length=dec_len, key_length=dec_len, causal=True,
             query_positions=decoder_positions if packed else None,
             key_positions=decoder_positions if packed else None)
         if packed and encoder_segment_ids is not None:
-            cross_mask = layers.make_attention_mask(decoder_segment_ids, encoder_segment_ids, query_length=dec_len,
+            cross_mask = attention.make_attention_mask(decoder_segment_ids, encoder_segment_ids, query_length=dec_len,
                                                     key_length=enc_len, causal=False)
         else:
-            cross_mask = layers.make_attention_mask(None, _not_padding(encoder_input_tokens), query_length=dec_len,
+            cross_mask = attention.make_attention_mask(None, _not_padding(encoder_input_tokens), query_length=dec_len,
                                                     key_length=enc_len, causal=False)
         y = layers.constrain(self.shared(decoder_input_tokens), _ACT)
         y = self.decoder(y, encoded, self_mask, cross_mask, decoder_positions)

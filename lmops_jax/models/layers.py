@@ -11,7 +11,6 @@ F mlp width, V vocab.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -19,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmops_jax import partitioning
-from lmops_jax.models import paged_attention
+from lmops_jax import checkpoints, partitioning
+from lmops_jax.models import attention, paged_attention
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -44,6 +43,13 @@ def check_remat_policy(policy: str, owner: str) -> None:
 def maybe_remat(layer_cls: type, remat: bool, policy: str) -> type:
     """`layer_cls` wrapped in `nn.remat` with the named policy when `remat`, else as it is."""
     return nn.remat(layer_cls, policy=REMAT_POLICIES[policy]) if remat else layer_cls
+
+
+# A model that scans its layers (`nn.scan`) holds them in one scope, SCANNED_SCOPE, with every param
+# stacked along a leading axis whose logical name is SCANNED_AXIS (replicated by every rule preset).
+# Checkpoints hold them per layer, as an unscanned model names them (`checkpoints.per_layer`).
+SCANNED_SCOPE = checkpoints.STACKED_LAYERS
+SCANNED_AXIS = "layers"
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
@@ -159,106 +165,7 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float = 10000.0)
     return out.astype(x.dtype)
 
 
-def make_attention_mask(
-    query_segment_ids: jax.Array | None,
-    key_segment_ids: jax.Array | None,
-    *,
-    query_length: int,
-    key_length: int,
-    causal: bool,
-    query_positions: jax.Array | None = None,
-    key_positions: jax.Array | None = None,
-) -> jax.Array | None:
-    """Boolean mask [B or 1, 1, L, S]: True where a query may attend to a key.
-
-    Segment ids (0 = padding) keep packed sequences apart; `causal` uses positions when given (packed
-    decoding), else array indices.
-    """
-    mask = None
-    if causal:
-        if query_positions is not None and key_positions is not None:
-            mask = query_positions[:, :, None] >= key_positions[:, None, :]
-        else:
-            q_idx = jnp.arange(query_length)[:, None] + (key_length - query_length)
-            mask = (q_idx >= jnp.arange(key_length)[None, :])[None]
-    if query_segment_ids is not None and key_segment_ids is not None:
-        seg = (query_segment_ids[:, :, None] == key_segment_ids[:, None, :]) & (key_segment_ids[:, None, :] > 0)
-        mask = seg if mask is None else mask & seg
-    elif key_segment_ids is not None:
-        seg = (key_segment_ids > 0)[:, None, :]
-        mask = seg if mask is None else mask & seg
-    return None if mask is None else mask[:, None, :, :]
-
-
 KV_CACHE_AXES = ("batch", "act_kv_heads", None, None)  # logical axes of a [B, K, Dh, S] key/value cache
-ATTENTION_ENV = "LMOPS_JAX_ATTENTION"
-
-
-def fused_attention() -> bool:
-    """Whether training / prefill attention ([B, S, K, Dh] keys) goes through `jax.nn.dot_product_attention`,
-    which picks cuDNN's fused flash kernel on GPUs where it applies (XLA's fusion elsewhere). Default: on
-    GPU and TPU; on CPU the einsums below are faster. `LMOPS_JAX_ATTENTION=jax_nn` / `einsum` forces one."""
-    choice = os.environ.get(ATTENTION_ENV, "auto")
-    if choice not in ("auto", "jax_nn", "einsum"):
-        raise ValueError(f"{ATTENTION_ENV}={choice!r}: expected auto, jax_nn or einsum")
-    return choice == "jax_nn" or (choice == "auto" and jax.default_backend() in ("gpu", "tpu"))
-
-
-def dot_product_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    mask: jax.Array | None,
-    bias: jax.Array | None = None,
-    scale: float | None = None,
-    *,
-    kv_layout: str = "bskd",
-) -> jax.Array:
-    """Grouped-query attention. query [B, L, H, Dh]; key/value [B, S, K, Dh] (`kv_layout="bskd"`, training),
-    [B, K, Dh, S] (`"bkds"`, the KV cache) or [K, B, S, Dh] (`"kbsd"`, read from a paged cache), with H % K == 0.
-
-    Scores and softmax in float32. mask: bool [B|1, 1|H, L, S]; bias: [B|1, H, L, S]. Returns [B, L, H, Dh].
-    [K, Dh, S] is the operand layout XLA:CPU's batched matmul takes for both products (scores and
-    values), so the cache is multiplied where it lies, the cache operand first: with [B, S, K, Dh] XLA
-    would transpose the whole cache of every layer at every decoding step. The operand order of each
-    einsum is part of its speed (it decides which operand XLA transposes), so each layout keeps its own.
-    """
-    if kv_layout not in ("bskd", "bkds", "kbsd"):
-        raise ValueError(f"kv_layout must be 'bskd', 'bkds' or 'kbsd', got {kv_layout!r}")
-    b, q_len, num_heads, head_dim = query.shape
-    num_kv, key_len = key.shape[kv_layout.index("k")], key.shape[kv_layout.index("s")]
-    if num_heads % num_kv:
-        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv}")
-    groups = num_heads // num_kv
-    if scale is None:
-        scale = head_dim ** -0.5
-    if kv_layout == "bskd" and fused_attention():
-        return jax.nn.dot_product_attention(query, key, value, bias, mask, scale=scale)
-    q = query.reshape(b, q_len, num_kv, groups, head_dim)
-    if kv_layout == "bskd":
-        scores = jnp.einsum("blkgd,bskd->bkgls", q, key, preferred_element_type=jnp.float32)
-    else:
-        scores = jnp.einsum(f"{kv_layout},blkgd->bkgls", key, q, preferred_element_type=jnp.float32)
-    scores = (scores * scale).reshape(b, num_heads, q_len, key_len)
-    if bias is not None:
-        scores = scores + bias.astype(jnp.float32)
-    if mask is not None:
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
-    probs = probs.reshape(b, num_kv, groups, q_len, key_len)
-    out = jnp.einsum(f"bkgls,{kv_layout}->blkgd", probs, value)
-    return out.reshape(b, q_len, num_heads, head_dim)
-
-
-def _decode_mask_and_bias(positions: jax.Array, cache_length: int, mask: jax.Array | None,
-                          bias_fn: Callable[[jax.Array, jax.Array], jax.Array] | None) -> tuple[Any, Any]:
-    """A cache's decode mask [B, 1, L, S] (key_position <= query_position, and `mask`) and bias_fn's bias."""
-    key_positions = jnp.arange(cache_length, dtype=jnp.int32)[None, :]
-    visible = (key_positions[:, None, :] <= positions[:, :, None])[:, None]
-    mask = visible if mask is None else mask & visible
-    return mask, None if bias_fn is None else bias_fn(positions, key_positions)
-
-
 def zeros_with_axes(axes: Sequence[str | None]) -> Callable[[Sequence[int], Dtype], Any]:
     """An initializer (shape, dtype) -> zeros boxed with logical `axes`: how cache variables are created."""
     return nn.with_logical_partitioning(jnp.zeros, tuple(axes))
@@ -327,7 +234,7 @@ class Attention(nn.Module):
         kv_axes = ("batch", "length", "act_kv_heads", None)
         if decode and cross_attention:
             k, v = self._cross_kv(inputs_kv, k_proj, v_proj)
-            out = dot_product_attention(q, k, v, mask, bias, self.scale, kv_layout="bkds")
+            out = attention.dot_product_attention(q, k, v, mask, bias, self.scale, kv_layout="bkds")
         elif decode:
             if inputs_kv is not None:
                 raise ValueError("Attention(decode=True): self-attention takes no inputs_kv; pass "
@@ -341,7 +248,7 @@ class Attention(nn.Module):
                 k = rotary_embedding(k, query_positions, self.rope_theta)
             if block_table is None:
                 k, v, mask, bias = self._update_cache(k, v, query_positions, mask, bias_fn)
-                out = dot_product_attention(q, k, v, mask, bias, self.scale, kv_layout="bkds")
+                out = attention.filled_cache_attention(q, k, v, mask, bias, self.scale, jnp.max(query_positions) + 1)
             else:
                 out = self._paged(q, k, v, query_positions, block_table, pages, mask, bias_fn)
         else:
@@ -355,7 +262,7 @@ class Attention(nn.Module):
                     key_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
                 q = rotary_embedding(q, query_positions, self.rope_theta)
                 k = rotary_embedding(k, key_positions, self.rope_theta)
-            out = dot_product_attention(q, k, v, mask, bias, self.scale)
+            out = attention.dot_product_attention(q, k, v, mask, bias, self.scale)
         out = constrain(out, ("batch", "length", "act_heads", None))
         return DenseGeneral(
             (self.num_heads, self.head_dim), (d_model,), ("heads", "head_dim"), ("embed",), dtype=self.dtype,
@@ -376,7 +283,7 @@ class Attention(nn.Module):
             k.astype(cached_key.value.dtype), mode="drop")
         cached_value.value = cached_value.value.at[rows, heads, :, positions[:, :, None]].set(
             v.astype(cached_value.value.dtype), mode="drop")
-        mask, bias = _decode_mask_and_bias(positions, cached_key.value.shape[3], mask, bias_fn)
+        mask, bias = attention.decode_mask_and_bias(positions, cached_key.value.shape[3], mask, bias_fn)
         return constrain(cached_key.value, KV_CACHE_AXES), constrain(cached_value.value, KV_CACHE_AXES), mask, bias
 
     def _paged(self, q, k, v, positions, block_table, pages, mask, bias_fn):
@@ -399,8 +306,8 @@ class Attention(nn.Module):
         axes = ("act_kv_heads", "batch", None, None)
         keys = constrain(paged_attention.gather(key_pages.value, block_table), axes)
         values = constrain(paged_attention.gather(value_pages.value, block_table), axes)
-        mask, bias = _decode_mask_and_bias(positions, keys.shape[2], mask, bias_fn)
-        return dot_product_attention(q, keys, values, mask, bias, self.scale, kv_layout="kbsd")
+        mask, bias = attention.decode_mask_and_bias(positions, keys.shape[2], mask, bias_fn)
+        return attention.dot_product_attention(q, keys, values, mask, bias, self.scale, kv_layout="kbsd")
 
     def _cross_kv(self, inputs_kv, k_proj, v_proj):
         """Cross-attention keys/values: projected from inputs_kv and cached, or read from the cache."""

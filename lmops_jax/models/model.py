@@ -16,7 +16,7 @@ Decode API (T5X's model-wrapper contract; callers never branch on the family):
 Logits are float32 [B, V], predicting each row's next token. The cache is a pytree whose every leaf
 has the row first; it holds `cache_index` [B], the positions written per row, so rows decode at their
 own positions and a row can be refilled (prefill a one-row cache, write it into row i) while the
-others continue. Key/value caches are laid out [B, K, Dh, S] (`layers.dot_product_attention`).
+others continue. Key/value caches are laid out [B, K, Dh, S] (`attention.dot_product_attention`).
 Decoder-only: S = max_length, the prompt's keys included; `init_cache(..., pages=KVPages(n, size))` makes
 a paged cache instead (`models.paged_attention`: a pool of pages per layer, shared by the rows, and a
 block table per row that the caller fills; the same logits). Encoder-decoder: the prompt is the encoder
@@ -97,6 +97,12 @@ class BaseModel(abc.ABC):
         """The params (or a tree of their shapes or shardings) that checkpoints hold: all of them,
         returned as the same object, unless a subclass keeps a subset."""
         return params
+
+    @property
+    def checkpoint_model(self) -> BaseModel:
+        """The model whose parameter layout checkpoints hold, as their model spec records it: this one,
+        unless it trains in another layout (a scanned decoder: `DecoderOnlyModel`)."""
+        return self
 
     @property
     def max_length(self) -> int | None:
@@ -289,6 +295,14 @@ class DecoderOnlyModel(BaseModel):
 
     def training_flops_per_token(self, task_feature_lengths):
         return decoder_only.training_flops_per_token(self.config, int(task_feature_lengths["targets"]))
+
+    @property
+    def checkpoint_model(self) -> DecoderOnlyModel:
+        """Unscanned: a scanned run's checkpoints hold its layers per layer (`checkpoints.per_layer`), so the
+        model a loader rebuilds from them decodes, converts and compresses as any other."""
+        if not self.config.scan_layers:
+            return self
+        return dataclasses.replace(self, config=dataclasses.replace(self.config, scan_layers=False))
 
     @property
     def max_length(self) -> int:

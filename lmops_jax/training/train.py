@@ -5,6 +5,7 @@ trainer class) is a typed argument, so it runs without gin and gin can swap any 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ import jax
 from lmops_jax import checkpoints
 from lmops_jax.training import flops, progress as progress_lib
 from lmops_jax.cli import gin_flags
-from lmops_jax.cli import gin_render, runner
+from lmops_jax.cli import gin_render, runner, xla_flags
 from lmops_jax.cli.runner import Preempted
 from lmops_jax.checkpoints import CheckpointConfig, Checkpointer
 from lmops_jax.models.model import BaseModel
@@ -54,7 +55,7 @@ def _model_spec(model: BaseModel, task_name: str) -> dict | None:
     import seqio
     vocabulary = seqio.get_mixture_or_task(task_name).output_features["targets"].vocabulary
     try:
-        return ModelSpec(model, VocabularySpec.describe(vocabulary, task_name)).to_json()
+        return ModelSpec(model.checkpoint_model, VocabularySpec.describe(vocabulary, task_name)).to_json()
     except TypeError as e:
         logger.warning("checkpoints will hold no model spec, only the gin text: %s", e)
         return None
@@ -158,6 +159,7 @@ def train(
     init_missing_params: bool = False,
     progress: bool | None = None,
     config_str: str | None = None,
+    eval_metrics: Callable[..., Mapping[str, float]] | None = None,
 ) -> tuple[Trainer, TrainState]:
     """Trains `model` on a seqio task or mixture and returns (trainer, final state).
 
@@ -192,6 +194,10 @@ def train(
       config_str: gin config text, written to MODEL_DIR/config.gin and into every checkpoint; None (a call
         from Python) writes `python_run_config` of the arguments instead. Every checkpoint also stores the
         model spec, so loading never needs the gin text.
+      eval_metrics: called at every evaluation as `eval_metrics(params, model=, partitioner=,
+        mixture_or_task_name=)`, returning {name: value} logged as `eval/<name>` (`trainer.task_metrics_record`):
+        e.g. `inference.infer.PredictionMetrics`, the task's seqio metric functions (its T5 metrics) on
+        generated text, which gin binds (training never imports inference).
 
     SIGTERM or SIGINT during training saves a checkpoint at the current step, waits for it, and raises
     `Preempted`; running the same command again resumes with no step lost.
@@ -243,6 +249,8 @@ def train(
             raise Preempted(step, stop.requested)
         save(step, current)
 
+    eval_metrics_fn = None if eval_metrics is None else functools.partial(
+        eval_metrics, model=model, partitioner=partitioner, mixture_or_task_name=mixture_or_task_name)
     checkpointer = Checkpointer(model_dir, checkpoint)
     writer = MetricsWriter(model_dir)
     try:
@@ -253,7 +261,8 @@ def train(
             with _StopOnSignals() as stop:
                 state = trainer.fit(state, train_batches, writer=writer, log_period=log_period,
                                     eval_batches_fn=eval_batches_fn, eval_period=eval_period, eval_steps=eval_steps,
-                                    peak_flops=peak_flops, after_step=after_step, optimal_loss=optimal_loss)
+                                    peak_flops=peak_flops, after_step=after_step, optimal_loss=optimal_loss,
+                                    eval_metrics_fn=eval_metrics_fn)
             save(int(jax.device_get(state.step)), state, force=True)
             checkpointer.wait()
             logger.info("%s", _outputs_line(model_dir, checkpointer))
@@ -296,4 +305,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m lmops_jax.train`: the gin-configured `train` through the CLI runner (exit codes there)."""
     job = runner.GinJob(train, bound_by="gin_configs/runs/pretrain.gin (or bind train.* yourself)",
                         pass_config_str=True)
-    return runner.run("python -m lmops_jax.train", __doc__, job, argv)
+    return runner.run("python -m lmops_jax.train", __doc__, job, argv, workload=xla_flags.TRAINING)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmops_jax.models import decoder_only, layers
+from lmops_jax.models import attention, decoder_only, layers
 from tests.helpers import tiny_llama
 
 
@@ -45,7 +45,7 @@ def test_causal_mask_future_tokens_do_not_change_past_logits():
 def test_mask_combines_causality_and_segments():
     seg = jnp.array([[1, 1, 2, 2, 0]])
     pos = jnp.array([[0, 1, 0, 1, 0]])
-    mask = layers.make_attention_mask(seg, seg, query_length=5, key_length=5, causal=True,
+    mask = attention.make_attention_mask(seg, seg, query_length=5, key_length=5, causal=True,
                                       query_positions=pos, key_positions=pos)[0, 0]
     expected = np.array([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 0]])
     np.testing.assert_array_equal(np.asarray(mask, int), expected)
@@ -134,10 +134,10 @@ def test_jax_nn_attention_path_gives_the_einsum_logits_and_loss(monkeypatch):
 
     def logits():
         return jax.jit(lambda p: m.module.apply({"params": p}, tokens, positions, segments))(params)
-    monkeypatch.setenv(layers.ATTENTION_ENV, "einsum")
+    monkeypatch.setenv(attention.ATTENTION_ENV, "einsum")
     reference = logits()
-    monkeypatch.setenv(layers.ATTENTION_ENV, "jax_nn")
+    monkeypatch.setenv(attention.ATTENTION_ENV, "jax_nn")
     np.testing.assert_allclose(logits(), reference, atol=2e-5)
-    monkeypatch.setenv(layers.ATTENTION_ENV, "flash")
+    monkeypatch.setenv(attention.ATTENTION_ENV, "flash")
     with pytest.raises(ValueError, match="LMOPS_JAX_ATTENTION='flash': expected auto, jax_nn or einsum"):
         logits()

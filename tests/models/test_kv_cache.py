@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lmops_jax import partitioning
-from lmops_jax.models import decoder_only, encoder_decoder, layers, model
+from lmops_jax.models import attention, decoder_only, encoder_decoder, model
 from lmops_jax.peft import lora
 
 VOCAB = 64
@@ -188,12 +188,12 @@ def test_attention_takes_both_key_layouts_with_the_same_result():
     q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(2, 3, 4, 8), (2, 5, 2, 8), (2, 5, 2, 8)])
     mask = jnp.asarray(rng.random((2, 1, 3, 5)) > 0.3)
     bias = jnp.asarray(rng.normal(size=(1, 4, 3, 5)), jnp.float32)
-    training = layers.dot_product_attention(q, k, v, mask, bias)
+    training = attention.dot_product_attention(q, k, v, mask, bias)
     to_cache = lambda x: jnp.transpose(x, (0, 2, 3, 1))  # noqa: E731
-    cached = layers.dot_product_attention(q, to_cache(k), to_cache(v), mask, bias, kv_layout="bkds")
+    cached = attention.dot_product_attention(q, to_cache(k), to_cache(v), mask, bias, kv_layout="bkds")
     np.testing.assert_allclose(cached, training, atol=1e-6)
     scores = jnp.einsum("blhd,bshd->bhls", q, jnp.repeat(k, 2, axis=2)) * 8 ** -0.5 + bias
     probs = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1)
     np.testing.assert_allclose(training, jnp.einsum("bhls,bshd->blhd", probs, jnp.repeat(v, 2, axis=2)), atol=1e-5)
     with pytest.raises(ValueError, match="kv_layout must be"):
-        layers.dot_product_attention(q, k, v, mask, kv_layout="bsdk")
+        attention.dot_product_attention(q, k, v, mask, kv_layout="bsdk")
