@@ -187,6 +187,10 @@ class Attention(nn.Module):
       query_position. Slots past an example's last written position are never visible; a
       right-padded prefill writes its padding there, and the following steps overwrite it before it
       could be seen. Positions must be < S. The first call (at `init`) creates the cache with S = L.
+      A call with L > 1 (a prefill or its chunk) goes through `jax.nn.dot_product_attention` where
+      `attention.fused_attention()` says so (GPU, TPU), over the cache viewed [B, S, K, Dh]; otherwise,
+      and for every one-token step, attention reads the filled part of the cache
+      (`attention.filled_cache_attention`).
       `bias_fn(query_positions [B, L], key_positions [1, S]) -> [B|1, H, L, S]` gives a position bias
       over the cache (T5); `bias` is not used in this mode.
     - paged self-attention (`block_table` [B, T] given): keys/values live in `key_pages` /
@@ -248,7 +252,12 @@ class Attention(nn.Module):
                 k = rotary_embedding(k, query_positions, self.rope_theta)
             if block_table is None:
                 k, v, mask, bias = self._update_cache(k, v, query_positions, mask, bias_fn)
-                out = attention.filled_cache_attention(q, k, v, mask, bias, self.scale, jnp.max(query_positions) + 1)
+                if q.shape[1] > 1 and attention.fused_attention():  # a prefill (chunk) on GPU / TPU
+                    out = attention.dot_product_attention(q, k.transpose(0, 3, 1, 2), v.transpose(0, 3, 1, 2), mask,
+                                                          bias, self.scale)
+                else:
+                    out = attention.filled_cache_attention(q, k, v, mask, bias, self.scale,
+                                                           jnp.max(query_positions) + 1)
             else:
                 out = self._paged(q, k, v, query_positions, block_table, pages, mask, bias_fn)
         else:

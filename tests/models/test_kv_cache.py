@@ -106,6 +106,26 @@ def test_prefill_and_steps_equal_full_forward_for_ragged_rows(name):
         assert not np.allclose(np.stack(got[0]), _full_logits(base, case)[0][:steps], atol=1e-3)
 
 
+def test_a_prefill_through_jax_nn_attention_gives_the_einsum_prefill(monkeypatch):
+    """GPUs and TPUs prefill through `jax.nn.dot_product_attention` (forced here on CPU): a first prefill and a
+    second chunk written after it, over the whole cache, give what the einsum path over its filled part gives."""
+    m, params = MODELS["llama"], _params("llama")
+    case = _case("llama", [3, 7, 1], 2, seed=4)
+    prompts, lengths = _padded(case.prompts, 7), np.array([3, 7, 1], np.int32)
+    chunk = np.array([[5, 6, 7], [8, 9, 10], [11, 12, 13]], np.int32)
+
+    def run():  # a fresh jit: the path is chosen while tracing
+        prefill = jax.jit(m.prefill)
+        first, cache = prefill(params, prompts, lengths, m.init_cache(3, 16, 8))
+        second, _ = prefill(params, chunk, np.full(3, 3, np.int32), cache)
+        return np.asarray(first), np.asarray(second)
+    monkeypatch.setenv(attention.ATTENTION_ENV, "einsum")
+    reference = run()
+    monkeypatch.setenv(attention.ATTENTION_ENV, "jax_nn")
+    for got, want in zip(run(), reference):
+        np.testing.assert_allclose(got, want, atol=3e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["llama", "t5"])
 def test_a_row_is_refilled_while_the_others_continue(name):
     """Serving-engine use: rows keep their own positions, so one row's cache is replaced mid-decode."""
