@@ -9,8 +9,11 @@ health check fails and places replicas on a multi-node cluster (KubeRay). This m
 the replica: `LmopsServer` builds what `python -m lmops_jax.serve` builds (`serve.build_server`: engine,
 scheduler, the same OpenAI-compatible FastAPI app and /metrics) and hands that app to `serve.ingress`.
 
-A replica's life: the constructor loads the checkpoint, starts the scheduler and runs one warm-up
-request per engine, so Ray routes to it only once it is compiled. `check_health` fails when its engine
+A replica's life: the constructor turns on the persistent compilation cache (`cli.compile_cache`, as
+every CLI job does; LMOPS_JAX_COMPILATION_CACHE applies), loads the checkpoint, starts the scheduler and
+runs one warm-up request per engine, so Ray routes to it only once it is compiled; a replica the
+autoscaler adds on a node that served the same model before loads its executables from that cache
+instead of compiling them. `check_health` fails when its engine
 failed, so Ray replaces it; a replica that dies (or stops answering health checks) is replaced too, and
 the requests it held end in a 502 or, on a stream, an error event that `ray_proxy`'s guard in Ray's HTTP
 proxy sends (`start_serve` installs it). On scale-down, `serve.delete` or SIGTERM, Ray stops routing
@@ -37,7 +40,7 @@ import ray
 from ray import serve
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
-from lmops_jax.cli import gin_flags, runner
+from lmops_jax.cli import compile_cache, gin_flags, runner
 from lmops_jax.serving import ray_proxy
 from lmops_jax.serving import serve as serve_lib
 
@@ -52,6 +55,7 @@ class LmopsServer:
     """One Ray Serve replica: the server of `serve.build_server(**server_options)`, started and warm."""
 
     def __init__(self, server_options: Mapping[str, Any], drain_timeout_s: float | None):
+        compile_cache.configure()  # a replica is a serving job's process: a later one on this node loads, not compiles
         self.server = serve_lib.build_server(**server_options)
         self.drain_timeout_s = drain_timeout_s
         self.server.scheduler.start()

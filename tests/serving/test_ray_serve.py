@@ -22,6 +22,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
+from lmops_jax.cli import compile_cache  # noqa: E402
 from lmops_jax.serving import ray_app, ray_proxy  # noqa: E402
 from tests.helpers import byte_level_checkpoint, free_port, tiny_llama  # noqa: E402
 
@@ -116,24 +117,28 @@ def test_a_load_ramp_scales_1_to_2_replicas_and_back_with_every_request_answered
                                   **SERVER), name=ray_app.APP_NAME, route_prefix="/")
     try:
         assert _running_replicas() == 1
+        cache = os.path.join(compile_cache.default_cache_dir(), "jax_compilation_cache")  # conftest's XDG_CACHE_HOME
+        assert os.listdir(cache), "the replica did not use the compilation cache, so a new one compiles again"
         statuses, replicas, scaled = [], set(), threading.Event()
-        stop_at = time.monotonic() + 120
+        stop_at = time.monotonic() + 290  # the second replica starts a process and loads first: slow on a busy machine
 
         def client():
-            for _ in range(300):  # at most 300 requests and 120 s per client; 5 s more once scaled
+            for _ in range(600):  # at most 600 requests and 290 s per client; 5 s more once scaled
                 if time.monotonic() > stop_at:
                     return
-                answer = _complete(local_serve, 32)
+                answer = _complete(local_serve, 96)
                 statuses.append(answer.status_code)
                 replicas.add(answer.headers.get(ray_app.REPLICA_HEADER))
 
-        with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            clients = [pool.submit(client) for _ in range(6)]
-            if _wait_for(lambda: _running_replicas() == 2, 110):
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            clients = [pool.submit(client) for _ in range(4)]
+            started = time.monotonic()
+            if _wait_for(lambda: _running_replicas() == 2, 280):
                 scaled.set()
+                print(f"2 replicas running {time.monotonic() - started:.0f} s into the load")
                 stop_at = min(stop_at, time.monotonic() + 5)
             for c in clients:
-                c.result(timeout=300)
+                c.result(timeout=400)
         assert scaled.is_set(), f"never scaled to 2 replicas ({len(statuses)} requests)"
         assert statuses and set(statuses) == {200}
         assert len(replicas) == 2
