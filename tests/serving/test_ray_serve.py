@@ -249,7 +249,7 @@ def test_a_replica_that_dies_fails_only_its_requests_with_5xx_and_ray_replaces_i
         assert cut + len(refused) + sum(a.status_code == 502 for a in plain) <= fixed["max_ongoing_requests"]
         seen: set[str] = set()  # the replacement: a third replica id, answering beside the survivor
         assert _wait_for(lambda: bool(seen.update(_replica_ids(local_serve, 3)) or seen - survivor - {victim})
-                         and _running_replicas() == 2, 90), seen
+                         and _running_replicas() == 2, 240), seen  # a new replica loads slowly on a busy machine
         assert victim not in seen
     finally:
         serve.delete(ray_app.APP_NAME)
