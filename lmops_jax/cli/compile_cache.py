@@ -24,14 +24,20 @@ def default_cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lmops_jax")
 
 
-def configure() -> str | None:
-    """Points JAX's persistent compilation cache where `LMOPS_JAX_COMPILATION_CACHE` says (module
-    docstring); returns the folder, or None when it is off."""
+def cache_dir() -> str | None:
+    """The folder `LMOPS_JAX_COMPILATION_CACHE` chooses (module docstring), or None when it is off."""
     choice = os.environ.get(ENV, "").strip()
     if choice.lower() == "off":
         return None
-    path = os.path.abspath(os.path.expanduser(choice)) if choice else os.path.join(default_cache_dir(),
+    return os.path.abspath(os.path.expanduser(choice)) if choice else os.path.join(default_cache_dir(),
                                                                                    "jax_compilation_cache")
+
+
+def configure() -> str | None:
+    """Points JAX's persistent compilation cache at `cache_dir()`; returns the folder, or None when it is off."""
+    path = cache_dir()
+    if path is None:
+        return None
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
     logging.debug("JAX compilation cache: %s", path)

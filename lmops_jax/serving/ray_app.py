@@ -16,9 +16,9 @@ autoscaler adds on a node that served the same model before loads its executable
 instead of compiling them. `check_health` fails when its engine failed, so Ray replaces it; a replica
 that dies (or stops answering health checks) is replaced too, and the requests it held end in a 502 or,
 on a stream, an error event that `ray_proxy`'s guard in Ray's HTTP proxy sends (`start_serve` installs
-it). On scale-down, `serve.delete` or SIGTERM, Ray stops routing
-to it, waits for its ongoing requests (`graceful_shutdown_timeout_s` = DRAIN_TIMEOUT_S, checked every
-`graceful_shutdown_wait_loop_s`), then calls `__del__`, which drains the scheduler and stops it: an
+it). On scale-down, `serve.delete` or SIGTERM, Ray stops routing to it, waits for its ongoing requests
+(`graceful_shutdown_timeout_s` = DRAIN_TIMEOUT_S, checked every `graceful_shutdown_wait_loop_s`), then
+calls `__del__`, which drains the scheduler and stops it: an
 accepted request is answered, never dropped. Every answer carries `x-lmops-replica` (the Ray replica
 id), so a client or a test can tell the replicas apart.
 

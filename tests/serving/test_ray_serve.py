@@ -117,8 +117,7 @@ def test_a_load_ramp_scales_1_to_2_replicas_and_back_with_every_request_answered
                                   **SERVER), name=ray_app.APP_NAME, route_prefix="/")
     try:
         assert _running_replicas() == 1
-        cache = os.path.join(compile_cache.default_cache_dir(), "jax_compilation_cache")  # conftest's XDG_CACHE_HOME
-        assert os.listdir(cache), "the replica did not use the compilation cache, so a new one compiles again"
+        assert os.listdir(compile_cache.cache_dir()), "the replica did not use the compilation cache, so a new one compiles again"
         statuses, replicas, scaled = [], set(), threading.Event()
         stop_at = time.monotonic() + 290  # the second replica starts a process and loads first: slow on a busy machine
 
