@@ -6,6 +6,7 @@ Shape legend: B batch, L query length, S key length, H heads, K kv heads, Dh hea
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable
 
@@ -25,16 +26,17 @@ def make_attention_mask(
 ) -> jax.Array | None:
     """Boolean mask [B or 1, 1, L, S]: True where a query may attend to a key.
 
-    Segment ids (0 = padding) keep packed sequences apart; `causal` uses positions when given (packed
-    decoding), else array indices.
+    Segment ids (0 = padding) keep packed sequences apart. `causal` hides every key past the query's
+    array index (the last query is aligned with the last key), and with positions (packed rows) also every
+    key at a later position; so a causal mask never shows a query a later key, which
+    `dot_product_attention(causal=True)` relies on.
     """
     mask = None
     if causal:
+        q_idx = jnp.arange(query_length)[:, None] + (key_length - query_length)
+        mask = (q_idx >= jnp.arange(key_length)[None, :])[None]
         if query_positions is not None and key_positions is not None:
-            mask = query_positions[:, :, None] >= key_positions[:, None, :]
-        else:
-            q_idx = jnp.arange(query_length)[:, None] + (key_length - query_length)
-            mask = (q_idx >= jnp.arange(key_length)[None, :])[None]
+            mask = mask & (query_positions[:, :, None] >= key_positions[:, None, :])
     if query_segment_ids is not None and key_segment_ids is not None:
         seg = (query_segment_ids[:, :, None] == key_segment_ids[:, None, :]) & (key_segment_ids[:, None, :] > 0)
         mask = seg if mask is None else mask & seg
@@ -57,6 +59,13 @@ def fused_attention() -> bool:
     return choice == "jax_nn" or (choice == "auto" and jax.default_backend() in ("gpu", "tpu"))
 
 
+# Causal self-attention without a fused kernel (CPU) runs in up to CAUSAL_QUERY_BLOCKS blocks of at least
+# MIN_QUERY_BLOCK queries, each over the keys up to its last query: the fastest split on the CPU training bench
+# (docs/benchmarks.md), and about 5/8 of the full square's work.
+CAUSAL_QUERY_BLOCKS = 4
+MIN_QUERY_BLOCK = 32
+
+
 def dot_product_attention(
     query: jax.Array,
     key: jax.Array,
@@ -66,15 +75,21 @@ def dot_product_attention(
     scale: float | None = None,
     *,
     kv_layout: str = "bskd",
+    causal: bool = False,
 ) -> jax.Array:
     """Grouped-query attention. query [B, L, H, Dh]; key/value [B, S, K, Dh] (`kv_layout="bskd"`, training),
     [B, K, Dh, S] (`"bkds"`, the KV cache) or [K, B, S, Dh] (`"kbsd"`, read from a paged cache), with H % K == 0.
 
     Scores and softmax in float32. mask: bool [B|1, 1|H, L, S]; bias: [B|1, H, L, S]. Returns [B, L, H, Dh].
-    [K, Dh, S] is the operand layout XLA:CPU's batched matmul takes for both products (scores and
-    values), so the cache is multiplied where it lies, the cache operand first: with [B, S, K, Dh] XLA
-    would transpose the whole cache of every layer at every decoding step. The operand order of each
-    einsum is part of its speed (it decides which operand XLA transposes), so each layout keeps its own.
+    The operand order and layout of each product are part of its speed on XLA:CPU: training keys and values
+    are moved to [B, K, S, Dh] and queries to [B, K, G, L, Dh] first (on the training bench's shapes the
+    forward + backward runs 1.6x faster than contracting them where they lie; docs/benchmarks.md); the cache
+    layouts are multiplied where they lie, the cache operand first ([K, Dh, S] is what XLA:CPU's batched
+    matmul takes, so no decoding step transposes a cache).
+
+    `causal=True` (training layout, L == S, a mask given): the caller's mask hides every key past its query's
+    index (`make_attention_mask(causal=True)` guarantees it), so without a fused kernel the queries run in
+    blocks that leave out the keys past each block's last query: the same result, less work.
     """
     if kv_layout not in ("bskd", "bkds", "kbsd"):
         raise ValueError(f"kv_layout must be 'bskd', 'bkds' or 'kbsd', got {kv_layout!r}")
@@ -82,25 +97,65 @@ def dot_product_attention(
     num_kv, key_len = key.shape[kv_layout.index("k")], key.shape[kv_layout.index("s")]
     if num_heads % num_kv:
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv}")
+    if causal and (kv_layout != "bskd" or q_len != key_len or mask is None):
+        raise ValueError("dot_product_attention(causal=True) is for self-attention in the training layout "
+                         f"with its causal mask; got kv_layout={kv_layout!r}, {q_len} queries, {key_len} keys, "
+                         f"mask {'given' if mask is not None else 'None'}")
     groups = num_heads // num_kv
     if scale is None:
         scale = head_dim ** -0.5
     if kv_layout == "bskd" and fused_attention():
         return jax.nn.dot_product_attention(query, key, value, bias, mask, scale=scale)
+    # A power-of-two scale goes on the queries (L x Dh values, exactly) rather than on the scores (L x S):
+    # XLA:CPU materializes the broadcast scalar that multiplies a matmul's output. Other scales stay on the
+    # float32 scores, where they round no low-precision value.
+    on_queries = math.frexp(scale)[0] == 0.5
+    if on_queries and scale != 1.0:
+        query = query * jnp.asarray(scale, query.dtype)
+    score_scale = 1.0 if on_queries else scale
     q = query.reshape(b, q_len, num_kv, groups, head_dim)
-    if kv_layout == "bskd":
-        scores = jnp.einsum("blkgd,bskd->bkgls", q, key, preferred_element_type=jnp.float32)
-    else:
+    if kv_layout != "bskd":
         scores = jnp.einsum(f"{kv_layout},blkgd->bkgls", key, q, preferred_element_type=jnp.float32)
-    scores = (scores * scale).reshape(b, num_heads, q_len, key_len)
+        probs = _softmax(scores, mask, bias, score_scale).astype(value.dtype)
+        out = jnp.einsum(f"bkgls,{kv_layout}->blkgd", probs, value)
+        return out.reshape(b, q_len, num_heads, head_dim)
+    out = _training_layout_attention(q.transpose(0, 2, 3, 1, 4), key.transpose(0, 2, 1, 3),
+                                     value.transpose(0, 2, 1, 3), mask, bias, score_scale, causal)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, q_len, num_heads, head_dim)
+
+
+def _training_layout_attention(q: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None,
+                               bias: jax.Array | None, scale: float, causal: bool) -> jax.Array:
+    """q [B, K, G, L, Dh], key/value [B, K, S, Dh] -> [B, K, G, L, Dh]; with `causal`, in query blocks over
+    the keys up to each block's last query (`dot_product_attention`)."""
+    q_len, key_len = q.shape[3], key.shape[2]
+    blocks = max(1, min(CAUSAL_QUERY_BLOCKS, q_len // MIN_QUERY_BLOCK)) if causal else 1
+    size = -(-q_len // blocks)
+    outs = []
+    for start in range(0, q_len, size):
+        end = min(start + size, q_len)
+        keys_to = end if causal else key_len
+        cut = lambda x: None if x is None else x[..., start:end, :keys_to] if x.shape[-2] > 1 \
+            else x[..., :keys_to]  # noqa: E731  (a mask or bias may broadcast over the queries)
+        scores = jnp.einsum("bkgld,bksd->bkgls", q[:, :, :, start:end], key[:, :, :keys_to],
+                            preferred_element_type=jnp.float32)
+        probs = _softmax(scores, cut(mask), cut(bias), scale).astype(value.dtype)
+        outs.append(jnp.einsum("bkgls,bksd->bkgld", probs, value[:, :, :keys_to]))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+
+
+def _softmax(scores: jax.Array, mask: jax.Array | None, bias: jax.Array | None, scale: float) -> jax.Array:
+    """softmax(scores * scale + bias) over the keys where `mask`, in float32: scores [B, K, G, L, S],
+    mask [B|1, 1|H, L, S], bias [B|1, H, L, S] (H = K * G)."""
+    b, num_kv, groups, q_len, key_len = scores.shape
+    scores = scores.reshape(b, num_kv * groups, q_len, key_len)
+    if scale != 1.0:
+        scores = scores * scale
     if bias is not None:
         scores = scores + bias.astype(jnp.float32)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
-    probs = probs.reshape(b, num_kv, groups, q_len, key_len)
-    out = jnp.einsum(f"bkgls,{kv_layout}->blkgd", probs, value)
-    return out.reshape(b, q_len, num_heads, head_dim)
+    return jax.nn.softmax(scores, axis=-1).reshape(b, num_kv, groups, q_len, key_len)
 
 
 # A dense cache is read up to its filled length rounded up to S / FILLED_CACHE_CHUNKS positions.

@@ -84,7 +84,7 @@ class DecoderLayer(nn.Module):
             cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, use_rope=True, rope_theta=cfg.rope_theta,
             dtype=dtype, param_dtype=param_dtype, name="self_attn",
         )(norm("input_layernorm")(x), mask=mask, query_positions=positions, key_positions=positions,
-          decode=decode, block_table=block_table, pages=pages)
+          decode=decode, block_table=block_table, pages=pages, causal=True)
         x = layers.constrain(x + h, ("batch", "length", "act_embed"))
         h = layers.GatedMLP(cfg.mlp_dim, "silu", dtype, param_dtype, name="mlp")(norm("post_attention_layernorm")(x))
         return layers.constrain(x + h, ("batch", "length", "act_embed"))

@@ -164,7 +164,7 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         h = _attention(cfg, "self_attn")(_norm(cfg, "self_attn_norm")(y), mask=self_mask, bias=self_bias,
                                          decode=decode, query_positions=positions if decode else None,
-                                         bias_fn=bias_fn)
+                                         bias_fn=bias_fn, causal=True)
         y = layers.constrain(y + h, _ACT)
         h = _attention(cfg, "cross_attn")(_norm(cfg, "cross_attn_norm")(y), encoded, mask=cross_mask,
                                           decode=decode, cross_attention=decode)

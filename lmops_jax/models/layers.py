@@ -196,6 +196,9 @@ class Attention(nn.Module):
     - paged self-attention (`block_table` [B, T] given): keys/values live in `key_pages` /
       `value_pages` [K, pages, page_size, Dh] shared by all rows, row b's position p in page
       block_table[b, p // page_size] (`models.paged_attention`); created at `init` from `pages`.
+    - without `decode`, `causal=True` says that `mask` is a causal self-attention mask
+      (`attention.make_attention_mask(causal=True)`), which lets CPU attention skip the keys past each
+      block of queries (`attention.dot_product_attention`); ignored for cross-attention and decoding.
     - cross-attention (`cross_attention=True`): with `inputs_kv` [B, Le, D] the projected keys and
       values are computed once and stored in `cached_key` / `cached_value` [B, K, Dh, Le]; with
       `inputs_kv=None` the stored ones are used. `mask` is the caller's cross mask.
@@ -226,6 +229,7 @@ class Attention(nn.Module):
         bias_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
         block_table: jax.Array | None = None,
         pages: paged_attention.KVPages | None = None,
+        causal: bool = False,
     ) -> jax.Array:
         d_model = inputs_q.shape[-1]
         dense = lambda out_shape, out_axes, name: DenseGeneral(  # noqa: E731
@@ -261,6 +265,7 @@ class Attention(nn.Module):
             else:
                 out = self._paged(q, k, v, query_positions, block_table, pages, mask, bias_fn)
         else:
+            causal = causal and inputs_kv is None  # only a self-attention mask is causal
             inputs_kv = inputs_q if inputs_kv is None else inputs_kv
             k = constrain(k_proj(inputs_kv), kv_axes)
             v = constrain(v_proj(inputs_kv), kv_axes)
@@ -271,7 +276,7 @@ class Attention(nn.Module):
                     key_positions = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])
                 q = rotary_embedding(q, query_positions, self.rope_theta)
                 k = rotary_embedding(k, key_positions, self.rope_theta)
-            out = attention.dot_product_attention(q, k, v, mask, bias, self.scale)
+            out = attention.dot_product_attention(q, k, v, mask, bias, self.scale, causal=causal)
         out = constrain(out, ("batch", "length", "act_heads", None))
         return DenseGeneral(
             (self.num_heads, self.head_dim), (d_model,), ("heads", "head_dim"), ("embed",), dtype=self.dtype,
