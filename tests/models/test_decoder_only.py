@@ -167,7 +167,8 @@ def test_causal_query_blocks_give_the_full_square_loss_and_gradients(monkeypatch
 
 
 def test_causal_attention_with_a_bias_in_uneven_blocks_equals_the_reference():
-    """100 queries in blocks of 34, 34, 32 with a T5-style bias and grouped heads; a non-causal call is refused."""
+    """100 queries in blocks of 34, 34, 32 with a T5-style bias and grouped heads; causal=True without a mask is
+    refused."""
     rng = np.random.default_rng(3)
     q = jnp.asarray(rng.normal(size=(2, 100, 4, 24)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(2, 100, 2, 24)), jnp.float32) for _ in range(2))
