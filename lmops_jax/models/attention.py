@@ -61,7 +61,7 @@ def fused_attention() -> bool:
 
 # Causal self-attention without a fused kernel (CPU) runs in up to CAUSAL_QUERY_BLOCKS blocks of at least
 # MIN_QUERY_BLOCK queries, each over the keys up to its last query: 3/4 of the full square's work. On the CPU
-# training bench 2 blocks ran the step as fast as 4 with less memory (docs/benchmarks.md).
+# training bench 2 blocks took 1-4% more step time than 4 and 50-90 MiB less peak memory (docs/benchmarks.md).
 CAUSAL_QUERY_BLOCKS = 2
 MIN_QUERY_BLOCK = 32
 
