@@ -1,5 +1,7 @@
-"""scripts/bench_accel.py and scripts/bench_train.py run end to end (one step) and print the JSON keys that
-docs/benchmarks.md reads: throughput, MFU, compile time and peak memory. Figures are not checked."""
+"""The benchmark scripts docs/benchmarks.md and docs/configuration.md show run end to end at small sizes (one
+step, a few tokens) and print the JSON keys those pages read: throughput, MFU, compile time, peak memory,
+the profile's categories. Speed figures are not checked; what the scripts compare (the tokens of two
+frameworks, a cache's files) is."""
 import json
 import os
 import subprocess
@@ -40,3 +42,35 @@ def test_bench_train_reports_compile_time_and_peak_memory():
     assert result["compile_s"] > 0 and result["first_step_s"] > 0
     assert result["step_peak_bytes"] > 0 and result["step_temp_bytes"] > 0
     assert result["peak_rss_bytes"] > result["import_rss_bytes"] > 0 and result["hf_peak_rss_bytes"] is None
+
+
+def test_bench_decode_emits_hugging_faces_greedy_tokens_at_both_batch_sizes():
+    out, result = _run("bench_decode.py", "--repeats", "1", "--new_tokens", "4")
+    for batch in (1, 8):
+        assert f"batch {batch}: lmops_jax" in out
+        assert result[f"token_agreement_b{batch}"] == 1.0
+        assert result[f"tokens_per_s_b{batch}"] > 0 and result[f"hf_tokens_per_s_b{batch}"] > 0
+        assert result[f"speedup_b{batch}"] > 0
+    assert result["new_tokens"] == 4 and result["torch_threads"] >= 1
+
+
+def test_profile_train_splits_the_traced_step_into_matmuls_copies_and_the_rest():
+    out, result = _run("profile_train.py", "--steps", "1", "--top", "3")
+    assert "op kinds (ms per step):" in out and "largest ops (ms per step):" in out
+    assert 0 < result["matmul_ms"] < result["device_ops_ms"] and result["copy_ms"] >= 0 and result["other_ms"] >= 0
+    assert result["in_step_matmul_gflops"] > 0 and result["isolated_matmul_gflops"] > 0 and result["step_time_s"] > 0
+
+
+def test_bench_distill_times_the_three_modes_and_the_dump():
+    out, result = _run("bench_distill.py", "--steps", "1", "--windows", "1")
+    assert set(result["step_time_s"]) == {"plain", "online", "offline", "offline, pre-read"}
+    assert all(seconds > 0 for seconds in result["step_time_s"].values())
+    assert result["online_over_plain"] == pytest.approx(result["step_time_s"]["online"] / result["step_time_s"]["plain"])
+    assert result["dump_s"] > 0 and result["teacher_forward_flops_per_token"] > result["student_flops_per_token"] > 0
+    assert "| online |" in out
+
+
+def test_bench_compile_cache_runs_the_job_three_times_and_the_cache_gets_files():
+    _, result = _run("bench_compile_cache.py")
+    assert result["cache_files"] > 0 and result["model"] == "gin_configs/models/llama_tiny.gin"
+    assert all(result[f"wall_s_cache_{setting}"] > 0 for setting in ("off", "cold", "warm"))
