@@ -61,11 +61,10 @@ def test_profile_train_splits_the_traced_step_into_matmuls_copies_and_the_rest()
     assert result["in_step_matmul_gflops"] > 0 and result["isolated_matmul_gflops"] > 0 and result["step_time_s"] > 0
 
 
-def test_bench_distill_times_the_three_modes_and_the_dump():
+def test_bench_distill_times_each_mode_and_the_dump():
     out, result = _run("bench_distill.py", "--steps", "1", "--windows", "1")
     assert set(result["step_time_s"]) == {"plain", "online", "offline", "offline, pre-read"}
     assert all(seconds > 0 for seconds in result["step_time_s"].values())
-    assert result["online_over_plain"] == pytest.approx(result["step_time_s"]["online"] / result["step_time_s"]["plain"])
     assert result["dump_s"] > 0 and result["teacher_forward_flops_per_token"] > result["student_flops_per_token"] > 0
     assert "| online |" in out
 
