@@ -9,10 +9,13 @@ Each variant is loaded back from its checkpoint with `InferenceModule.from_check
 float checkpoint at dtype bfloat16). Reported per variant: matmul-weight bytes (the quantized
 kernels with their scales) and their ratio to float32, validation loss and its relative change,
 greedy agreement with float32 (fraction of equal tokens over `--prompts` validation prompts of 16
-tokens, 32 new tokens each), and greedy decode tokens/s at batch 1 and 8 (64 new tokens, best of 3
-after a warm-up; ratio to float32 measured in the same run). The last line is one JSON object.
+tokens, 32 new tokens each), and greedy decode tokens/s at batch 1 and 8 (`--new_tokens` 64 new tokens,
+best of `--repeats` 3 after a warm-up; ratio to float32 measured in the same run). `--variants` picks
+a subset of the quantized rows (float32 and bf16 are always measured); `--batches` sets the calibration
+and validation batches (8). The last line is one JSON object.
 
-    python scripts/bench_compression.py [--train_steps 300] [--workdir /tmp/bench_compression]
+    python scripts/bench_compression.py [--train_steps 300] [--workdir /tmp/bench_compression] \
+      [--variants 'int8,int4,gptq int4,awq int4,w8a8'] [--batches 8] [--new_tokens 64] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -50,11 +53,11 @@ def train_teacher(model_dir: str, steps: int) -> None:
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
 
 
-def decode_speed(module: InferenceModule, prompts: list, batch: int) -> float:
+def decode_speed(module: InferenceModule, prompts: list, batch: int, new_tokens: int, repeats: int) -> float:
     rows = (prompts * batch)[:batch]
-    module.generate(rows, max_new_tokens=64)  # compile
-    best = min(_timed(lambda: module.generate(rows, max_new_tokens=64)) for _ in range(3))
-    return batch * 64 / best
+    module.generate(rows, max_new_tokens=new_tokens)  # compile
+    best = min(_timed(lambda: module.generate(rows, max_new_tokens=new_tokens)) for _ in range(repeats))
+    return batch * new_tokens / best
 
 
 def _timed(fn) -> float:
@@ -63,11 +66,13 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure(module: InferenceModule, prompts: list, reference: np.ndarray | None) -> dict:
+def measure(module: InferenceModule, prompts: list, reference: np.ndarray | None,
+            args: argparse.Namespace) -> tuple[dict, np.ndarray]:
+    """Greedy agreement with `reference` and decode tokens/s at batch 1 and 8; and the greedy tokens."""
     tokens = np.asarray(module.generate(prompts, max_new_tokens=32).tokens)
     agreement = 1.0 if reference is None else float(np.mean(tokens == reference))
-    return {"greedy_agreement": agreement, "decode_tok_s_b1": decode_speed(module, prompts, 1),
-            "decode_tok_s_b8": decode_speed(module, prompts, 8)}, tokens
+    speeds = {f"decode_tok_s_b{b}": decode_speed(module, prompts, b, args.new_tokens, args.repeats) for b in (1, 8)}
+    return {"greedy_agreement": agreement, **speeds}, tokens
 
 
 def main() -> None:
@@ -75,12 +80,20 @@ def main() -> None:
     parser.add_argument("--train_steps", type=int, default=300)
     parser.add_argument("--workdir", default="/tmp/bench_compression")
     parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    parser.add_argument("--batches", type=int, default=8, help="calibration and validation batches")
+    parser.add_argument("--new_tokens", type=int, default=64, help="new tokens of each timed decode")
+    parser.add_argument("--repeats", type=int, default=3, help="timed decodes per batch size (the best counts)")
     args = parser.parse_args()
+    variants = [name.strip() for name in args.variants.split(",")]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose among {list(VARIANTS)}")
     shutil.rmtree(args.workdir, ignore_errors=True)
     teacher = os.path.join(args.workdir, "teacher")
     train_teacher(teacher, args.train_steps)
-    data = q.DataConfig(task="synthetic_lm", task_feature_lengths=LENGTHS, batch_size=8, calibration_batches=8,
-                        eval_batches=8)
+    data = q.DataConfig(task="synthetic_lm", task_feature_lengths=LENGTHS, batch_size=8,
+                        calibration_batches=args.batches, eval_batches=args.batches)
     float32 = InferenceModule.from_checkpoint(teacher)
     eval_data = list(calibration.batches(float32.model, data.task, LENGTHS, data.batch_size, "validation",
                                          data.eval_batches))
@@ -89,14 +102,15 @@ def main() -> None:
     for name, dtype in (("float32", None), ("bf16", "bfloat16")):
         module = float32 if dtype is None else InferenceModule.from_checkpoint(teacher, dtype=dtype)
         loss = calibration.mean_loss(module.model, module.params, eval_data)
-        figures, tokens = measure(module, prompts, reference)
+        figures, tokens = measure(module, prompts, reference, args)
         reference = tokens if reference is None else reference
         rows[name] = {"eval_loss": loss, **figures}
-    for name, (scheme, method, rules) in VARIANTS.items():
+    for name in variants:
+        scheme, method, rules = VARIANTS[name]
         out = os.path.join(args.workdir, name.replace(" ", "_"))
         summary = q.quantize(checkpoint_path=teacher, output_dir=out, scheme=scheme, method=method, tile_size=32,
                              rules=rules, data=data)
-        figures, _ = measure(InferenceModule.from_checkpoint(out), prompts, reference)
+        figures, _ = measure(InferenceModule.from_checkpoint(out), prompts, reference, args)
         rows[name] = {"eval_loss": summary["eval_loss_after"], "matmul_bytes": summary["matmul_bytes_after"],
                       "matmul_bytes_ratio": summary["matmul_bytes_ratio"], **figures}
         rows["float32"]["matmul_bytes"] = summary["matmul_bytes_float32"]
@@ -113,7 +127,8 @@ def main() -> None:
         print(f"| {name} | {r['matmul_bytes']:,.0f} ({r['matmul_bytes_ratio']:.3f}x) | {r['eval_loss']:.4f} "
               f"({100 * r['eval_loss_change']:+.2f}%) | {r['greedy_agreement']:.3f} | {r['decode_tok_s_b1']:.0f} "
               f"({r['decode_ratio_b1']:.2f}x) | {r['decode_tok_s_b8']:.0f} ({r['decode_ratio_b8']:.2f}x) |")
-    print(json.dumps({"date": datetime.date.today().isoformat(), "train_steps": args.train_steps, "rows": rows}))
+    print(json.dumps({"date": datetime.date.today().isoformat(), "train_steps": args.train_steps,
+                      "new_tokens": args.new_tokens, "repeats": args.repeats, "batches": args.batches, "rows": rows}))
 
 
 if __name__ == "__main__":

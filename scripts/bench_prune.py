@@ -14,11 +14,12 @@ same data stream:
 
 Reported per model: parameters (non-zero), validation loss on 8 batches of 8 x 128 tokens and its change
 against the teacher, greedy agreement with the teacher (16 validation prompts of 16 tokens, 32 new
-tokens), and greedy decode tokens/s at batch 1 and 8 (64 new tokens, best of 3, ratio to the teacher in
-the same run) for the teacher, pruned+distil and 2:4 ("-" for the others: same shapes as one of those).
-The last line is one JSON object.
+tokens), and greedy decode tokens/s at batch 1 and 8 (`--new_tokens` 64 new tokens, best of `--repeats`
+3, ratio to the teacher in the same run) for the teacher, pruned+distil and 2:4 ("-" for the others:
+same shapes as one of those). The last line is one JSON object.
 
-    python scripts/bench_prune.py [--teacher_steps 300] [--steps 150] [--workdir /tmp/bench_prune]
+    python scripts/bench_prune.py [--teacher_steps 300] [--steps 150] [--workdir /tmp/bench_prune] \
+      [--new_tokens 64] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -39,6 +40,7 @@ import numpy as np  # noqa: E402
 from lmops_jax.compression import calibration  # noqa: E402
 from lmops_jax.data import tasks  # noqa: E402
 from lmops_jax.inference.inference_module import InferenceModule  # noqa: E402
+from bench_compression import decode_speed  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = {"targets": 128}
@@ -67,19 +69,8 @@ def prune(teacher: str, out: str, *flags: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def decode_speed(module: InferenceModule, prompts: list, batch: int) -> float:
-    rows = (prompts * batch)[:batch]
-    module.generate(rows, max_new_tokens=64)  # compile
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        module.generate(rows, max_new_tokens=64)
-        best = min(best, time.perf_counter() - start)
-    return batch * 64 / best
-
-
 def measure(path: str, eval_data: list, prompts: list, reference: np.ndarray | None,
-            speed: bool) -> tuple[dict, np.ndarray]:
+            speed: bool, args: argparse.Namespace) -> tuple[dict, np.ndarray]:
     """Figures of the checkpoint at `path` (module docstring) and its greedy tokens."""
     module = InferenceModule.from_checkpoint(path)
     leaves = jax.tree.leaves(jax.device_get(module.params))
@@ -88,7 +79,8 @@ def measure(path: str, eval_data: list, prompts: list, reference: np.ndarray | N
            "eval_loss": calibration.mean_loss(module.model, module.params, eval_data),
            "greedy_agreement": 1.0 if reference is None else float(np.mean(tokens == reference))}
     if speed:
-        row.update(decode_tok_s_b1=decode_speed(module, prompts, 1), decode_tok_s_b8=decode_speed(module, prompts, 8))
+        row.update({f"decode_tok_s_b{b}": decode_speed(module, prompts, b, args.new_tokens, args.repeats)
+                    for b in (1, 8)})
     return row, tokens
 
 
@@ -112,6 +104,8 @@ def main() -> None:
     parser.add_argument("--teacher_steps", type=int, default=300)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--workdir", default="/tmp/bench_prune")
+    parser.add_argument("--new_tokens", type=int, default=64, help="new tokens of each timed decode")
+    parser.add_argument("--repeats", type=int, default=3, help="timed decodes per batch size (the best counts)")
     args = parser.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
     paths = build(args.workdir, args.teacher_steps, args.steps)
@@ -121,7 +115,7 @@ def main() -> None:
     rows, reference = {}, None
     for name, path in paths.items():
         speed = name in ("teacher", "pruned+distil", "2:4")
-        rows[name], tokens = measure(path, eval_data, prompts, reference, speed)
+        rows[name], tokens = measure(path, eval_data, prompts, reference, speed, args)
         reference = tokens if reference is None else reference
     base = rows["teacher"]
     print("| model | params (non-zero) | val loss (change) | greedy agreement | tok/s b1 (ratio) | tok/s b8 (ratio) |")
@@ -134,7 +128,8 @@ def main() -> None:
               f"({100 * r['eval_loss_change']:+.1f}%) | {r['greedy_agreement']:.3f} | {speed[0]} | {speed[1]} |")
     gap = rows["scratch"]["eval_loss"] - rows["pruned+distil"]["eval_loss"]
     print(json.dumps({"date": datetime.date.today().isoformat(), "teacher_steps": args.teacher_steps,
-                      "steps": args.steps, "optimal_loss": tasks.known_optimal_loss("synthetic_lm", LENGTHS),
+                      "steps": args.steps, "new_tokens": args.new_tokens,
+                      "optimal_loss": tasks.known_optimal_loss("synthetic_lm", LENGTHS),
                       "scratch_minus_pruned_distil_loss": gap, "rows": rows}))
 
 

@@ -76,6 +76,8 @@ def main() -> None:
         aligned = f"{record['aligned']:.3f}" if "aligned" in record else "-"
         print(f"| {name} | {record['eval/loss']:.4f} | {unit} | {aligned} | {times[name]:.0f} |")
         figures[name] = {"eval_loss": record["eval/loss"]}
+        if "aligned" in record:
+            figures[name]["aligned"] = record["aligned"]
     names = list(runs)
     ratio = records[names[1]]["eval/loss"] / records[names[0]]["eval/loss"]
     print(f"\nheld-out loss, distilled / scratch: {ratio:.3f}")
