@@ -82,10 +82,10 @@ def test_bench_compression_measures_float32_bf16_and_the_chosen_variants(tmp_pat
                        "--workdir", str(tmp_path / "work"))
     rows = result["rows"]
     assert list(rows) == ["float32", "bf16", "int8"] and result["new_tokens"] == 4
-    assert rows["float32"]["greedy_agreement"] == 1.0 and rows["float32"]["eval_loss_change"] == 0.0
-    assert 0.2 < rows["int8"]["matmul_bytes_ratio"] < 0.3 < 0.5 == rows["bf16"]["matmul_bytes_ratio"]
-    assert all(0 <= r["greedy_agreement"] <= 1 and r["decode_tok_s_b1"] > 0 and r["decode_tok_s_b8"] > 0
-               for r in rows.values())
+    assert 0.2 < rows["int8"]["matmul_bytes_ratio"] < 0.3  # int8 kernels and their scales, from the checkpoint
+    for name in ("bf16", "int8"):  # each loaded back from its checkpoint and evaluated on the same batches
+        assert 0 <= rows[name]["greedy_agreement"] <= 1 and abs(rows[name]["eval_loss_change"]) < 0.05
+    assert all(r["eval_loss"] > 0 and r["decode_tok_s_b1"] > 0 and r["decode_tok_s_b8"] > 0 for r in rows.values())
     assert "| int8 |" in out
 
 
