@@ -158,8 +158,12 @@ def _softmax(scores: jax.Array, mask: jax.Array | None, bias: jax.Array | None, 
     return jax.nn.softmax(scores, axis=-1).reshape(b, num_kv, groups, q_len, key_len)
 
 
-# A dense cache is read up to its filled length rounded up to S / FILLED_CACHE_CHUNKS positions.
+# A dense cache is read up to its filled length rounded up to S / FILLED_CACHE_CHUNKS positions. Cutting
+# copies the kept positions (XLA:CPU materializes the slice before the matmul), so the cut reads and
+# writes them once more: past S / FILLED_CACHE_MAX_CUT_FRACTION kept positions, reading the whole cache
+# with the unfilled positions masked moves fewer bytes, and that branch reads it uncut.
 FILLED_CACHE_CHUNKS = 8
+FILLED_CACHE_MAX_CUT_FRACTION = 3
 
 
 def filled_cache_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None,
@@ -171,12 +175,15 @@ def filled_cache_attention(query: jax.Array, key: jax.Array, value: jax.Array, m
     Decoding streams every layer's whole cache at every step; a cache allocated for the longest request
     is mostly empty for most of the steps, and the positions past `filled` are masked for every row, so
     leaving them out changes no result. Shapes must be static under jit, so a `lax.switch` picks one of
-    `chunks` static lengths (each compiled once). mask [B|1, 1|H, L, S], bias [B|1, H, L, S] as for
+    `chunks` static lengths (each compiled once); a length past S / FILLED_CACHE_MAX_CUT_FRACTION reads
+    the whole cache instead (see there). mask [B|1, 1|H, L, S], bias [B|1, H, L, S] as for
     `dot_product_attention`; returns [B, L, H, Dh].
     """
     cache_length = key.shape[-1]
     step = -(-cache_length // chunks)
-    lengths = sorted({min(cache_length, step * (i + 1)) for i in range(chunks)})
+    # Chunk i needs step * (i + 1) positions; the cuts short enough come first, then the whole cache.
+    lengths = sorted({n if n * FILLED_CACHE_MAX_CUT_FRACTION <= cache_length else cache_length
+                      for n in (min(cache_length, step * (i + 1)) for i in range(chunks))})
 
     def attend(length: int) -> Callable[..., jax.Array]:
         def run(query, key, value, mask, bias):
@@ -184,6 +191,8 @@ def filled_cache_attention(query: jax.Array, key: jax.Array, value: jax.Array, m
             return dot_product_attention(query, cut(key), cut(value), cut(mask), cut(bias), scale, kv_layout="bkds")
         return run
 
+    if len(lengths) == 1:
+        return attend(lengths[0])(query, key, value, mask, bias)
     index = jnp.clip((filled - 1) // step, 0, len(lengths) - 1)
     return jax.lax.switch(index, [attend(n) for n in lengths], query, key, value, mask, bias)
 

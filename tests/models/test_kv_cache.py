@@ -217,3 +217,25 @@ def test_attention_takes_both_key_layouts_with_the_same_result():
     np.testing.assert_allclose(training, jnp.einsum("bhls,bshd->blhd", probs, jnp.repeat(v, 2, axis=2)), atol=1e-5)
     with pytest.raises(ValueError, match="kv_layout must be"):
         attention.dot_product_attention(q, k, v, mask, kv_layout="bsdk")
+
+
+def test_filled_cache_attention_reads_every_visible_key_at_every_fill():
+    """The dense cache is read up to its filled length in one of a few static lengths, or whole once a cut
+    would copy a third of it (`attention.FILLED_CACHE_MAX_CUT_FRACTION`): at every fill of a 40-slot cache
+    (chunks of 5: cuts at 5 and 10, then the whole cache) the rows' visible keys are all read, and the
+    result is attention over the whole masked cache. The slots past the filled length hold noise."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 1, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 2, 8, 40)), jnp.float32) for _ in range(2))
+
+    def both(filled, positions):
+        mask, _ = attention.decode_mask_and_bias(positions[:, None], 40, None, None)
+        whole = attention.dot_product_attention(q, k, v, mask, None, 0.3, kv_layout="bkds")
+        return whole, attention.filled_cache_attention(q, k, v, mask, None, 0.3, filled)
+
+    run = jax.jit(both)
+    for filled in range(1, 41):
+        whole, cut = run(jnp.int32(filled), jnp.asarray([filled - 1, max(0, filled - 4)], jnp.int32))
+        np.testing.assert_allclose(np.asarray(cut), np.asarray(whole), atol=1e-6, err_msg=f"filled {filled}")
+    switch = [e for e in jax.make_jaxpr(both)(jnp.int32(1), jnp.zeros(2, jnp.int32)).eqns if e.primitive.name == "cond"]
+    assert len(switch) == 1 and len(switch[0].params["branches"]) == 3  # lengths 5, 10 and 40
