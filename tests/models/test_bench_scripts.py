@@ -114,3 +114,21 @@ def test_distill_cross_tokenizer_distils_a_byte_student_from_a_sentencepiece_tea
     assert set(result) == {"teacher", "byte student, scratch", uld}
     assert 0 < result[uld]["aligned"] <= 1 and all(r["eval_loss"] > 0 for r in result.values())
     assert "held-out loss, distilled / scratch:" in out
+
+
+def test_bench_prune_trains_prunes_and_distils_every_row_through_the_cli(tmp_path):
+    out, result = _run("bench_prune.py", "--teacher_steps", "2", "--steps", "2", "--new_tokens", "4", "--repeats", "1",
+                       "--workdir", str(tmp_path / "work"))
+    rows = result["rows"]
+    assert list(rows) == ["teacher", "width pruned", "pruned+distil", "scratch", "2:4", "2:4+distil"]
+    teacher, width = rows["teacher"], rows["width pruned"]
+    assert teacher["nonzero_params"] == teacher["params"] and teacher["greedy_agreement"] == 1.0
+    # Width pruning removes parameters; the distilled and scratch students have its shapes; 2:4 keeps the shapes
+    # and zeroes half of every projection (the norms and the embedding stay dense).
+    assert width["params"] < 0.7 * teacher["params"]
+    assert rows["pruned+distil"]["params"] == rows["scratch"]["params"] == width["params"]
+    for name in ("2:4", "2:4+distil"):
+        assert rows[name]["params"] == teacher["params"] and rows[name]["nonzero_params"] < 0.7 * teacher["params"]
+    assert all(r["eval_loss"] > result["optimal_loss"] > 0 for r in rows.values())
+    assert all(f"decode_tok_s_b{b}" in rows[n] for n in ("teacher", "pruned+distil", "2:4") for b in (1, 8))
+    assert f"| pruned+distil | {width['params']:,} ({width['params']:,}) |" in out
