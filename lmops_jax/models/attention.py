@@ -191,8 +191,6 @@ def filled_cache_attention(query: jax.Array, key: jax.Array, value: jax.Array, m
             return dot_product_attention(query, cut(key), cut(value), cut(mask), cut(bias), scale, kv_layout="bkds")
         return run
 
-    if len(lengths) == 1:
-        return attend(lengths[0])(query, key, value, mask, bias)
     index = jnp.clip((filled - 1) // step, 0, len(lengths) - 1)
     return jax.lax.switch(index, [attend(n) for n in lengths], query, key, value, mask, bias)
 
