@@ -4,8 +4,9 @@ The bench config (Llama: vocab 4096, d_model 256, 4 layers, 4 heads, 4 KV heads,
 random init) decodes 128 new tokens after a 16-token prompt at batch 1 and 8. The Hugging Face
 PyTorch model gets the same weights, copied through the one-to-one layout documented in
 `lmops_jax/models/decoder_only.py`, so both should emit the same tokens; the agreement is reported.
-Compile time (and PyTorch's first-call overhead) is excluded by a warm-up run; each figure is the best
-of `--repeats` timed runs (default 5). Ours runs with the CPU XLA flags `python -m lmops_jax.infer` and
+Compile time (and PyTorch's first-call overhead) is excluded by a warm-up run; the two sides then take
+turns for `--repeats` rounds (default 5), so that both see the same background load; each side's best
+run counts, and the median over the rounds of HF's time over ours in the same round is reported too. Ours runs with the CPU XLA flags `python -m lmops_jax.infer` and
 `serve` set (`lmops_jax.cli.xla_flags`, inference: none today). The last line printed is one JSON object
 with the figures.
 
@@ -16,9 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
+import statistics
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,7 +34,9 @@ import numpy as np  # noqa: E402
 
 from lmops_jax.inference.inference_module import InferenceModule  # noqa: E402
 from lmops_jax.models import decoder_only, model  # noqa: E402
+from bench_machine import describe as describe_machine  # noqa: E402  (scripts/ is on sys.path)
 
+PAUSE_S = 0.2  # after each timed call: lets PyTorch's OpenMP threads go idle (alternating_times)
 BENCH = decoder_only.LlamaConfig(vocab_size=4096, d_model=256, num_layers=4, num_heads=4, num_kv_heads=4,
                                  mlp_dim=704, dtype="float32", param_dtype="float32")
 
@@ -76,14 +80,24 @@ def hf_model(cfg: decoder_only.LlamaConfig, params: dict):
     return hf
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up: compile / first-call overhead
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def alternating_times(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    """Wall times of each callable over `repeats` rounds, the callables taking turns within a round (the first
+    one swapping each round) so that both sides see the same background load, after one warm-up call each
+    (compile / first-call overhead). Each call is followed by `PAUSE_S` of sleep: PyTorch's OpenMP threads
+    keep spinning for a while after a call and would otherwise slow down XLA running right after them."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for fn in runs.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        time.sleep(PAUSE_S)
+    order = list(runs)
+    for _ in range(repeats):
+        for name in order:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+            time.sleep(PAUSE_S)
+        order.reverse()
+    return times
 
 
 def main() -> None:
@@ -100,29 +114,27 @@ def main() -> None:
     ours = InferenceModule(wrapper, params, bos_id=None)
     hf = hf_model(BENCH, params)
     rng = np.random.default_rng(0)
-    result: dict = {"jax": jax.__version__, "torch": torch.__version__,
-                    "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    result: dict = {"jax": jax.__version__, "torch": torch.__version__, **describe_machine(),
                     "torch_threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
                     "prompt_length": args.prompt_length, "load_avg_1min_start": os.getloadavg()[0]}
     prompts = {b: rng.integers(3, BENCH.vocab_size, (b, args.prompt_length)).astype(np.int32) for b in (1, 8)}
     times, tokens = {}, {}
-    # All lmops_jax runs first, then all PyTorch runs: PyTorch's OpenMP threads keep spinning for a while
-    # after each call and would slow down XLA running right after them on the same cores.
-    for batch, ids in prompts.items():
-        def run_ours():
-            tokens["ours", batch] = np.array(ours.generate(ids, max_new_tokens=args.new_tokens, eos_id=-1).tokens)
-        times["ours", batch] = best_time(run_ours, args.repeats)
     for batch, ids in prompts.items():
         input_ids = torch.from_numpy(ids.astype(np.int64))
+
+        def run_ours():
+            tokens["ours", batch] = np.array(ours.generate(ids, max_new_tokens=args.new_tokens, eos_id=-1).tokens)
 
         def run_hf():
             with torch.no_grad():
                 out = hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                                   max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, num_beams=1)
             tokens["hf", batch] = out[:, args.prompt_length:].numpy()
-        times["hf", batch] = best_time(run_hf, args.repeats)
+        per_side = alternating_times({"ours": run_ours, "hf": run_hf}, args.repeats)
+        times["ours", batch], times["hf", batch] = per_side["ours"], per_side["hf"]
     for batch in prompts:
-        t_ours, t_hf = times["ours", batch], times["hf", batch]
+        t_ours, t_hf = min(times["ours", batch]), min(times["hf", batch])
+        round_speedups = [hf_s / ours_s for ours_s, hf_s in zip(times["ours", batch], times["hf", batch])]
         ours_tokens, hf_tokens = tokens["ours", batch], tokens["hf", batch]
         agreement = float(np.mean(ours_tokens == hf_tokens))
         first_diff = [int(np.argmax(r != h)) if np.any(r != h) else None for r, h in zip(ours_tokens, hf_tokens)]
@@ -130,9 +142,11 @@ def main() -> None:
         result[f"tokens_per_s_b{batch}"] = round(new / t_ours, 1)
         result[f"hf_tokens_per_s_b{batch}"] = round(new / t_hf, 1)
         result[f"speedup_b{batch}"] = round(t_hf / t_ours, 2)
+        result[f"median_round_speedup_b{batch}"] = round(statistics.median(round_speedups), 2)
         result[f"token_agreement_b{batch}"] = agreement
         print(f"batch {batch}: lmops_jax {new / t_ours:,.0f} tokens/s ({t_ours * 1e3:.1f} ms), "
-              f"HF transformers {new / t_hf:,.0f} tokens/s ({t_hf * 1e3:.1f} ms), speedup {t_hf / t_ours:.1f}x, "
+              f"HF transformers {new / t_hf:,.0f} tokens/s ({t_hf * 1e3:.1f} ms), speedup {t_hf / t_ours:.1f}x "
+              f"(median of the rounds' {statistics.median(round_speedups):.1f}x), "
               f"token agreement {agreement:.3f} (first divergence per row: {first_diff})", flush=True)
     result["load_avg_1min_end"] = os.getloadavg()[0]  # the machine may be shared: context for the figures
     print(json.dumps(result))

@@ -55,15 +55,9 @@ from lmops_jax.training import flops  # noqa: E402
 from lmops_jax.training import optimizers  # noqa: E402
 from lmops_jax.training import trainer  # noqa: E402
 from lmops_jax.models import decoder_only, model  # noqa: E402
+from bench_machine import describe as describe_machine, num_cores  # noqa: E402  (scripts/ is on sys.path)
 
 VOCAB, D_MODEL, LAYERS, HEADS, MLP, BATCH, LENGTH = 4096, 256, 4, 4, 704, 8, 256
-
-
-def num_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def batches(seed: int, batch: int = BATCH, length: int = LENGTH, vocab: int = VOCAB):
@@ -236,6 +230,7 @@ def main() -> None:
         "hf_import_rss_bytes": rss.get("hf", {}).get("import_rss_bytes"),
         "batch": BATCH, "seq_len": LENGTH, "steps_per_window": args.steps, "windows": args.windows,
         "threads": num_cores(),
+        **describe_machine(),
         "loadavg_1min_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
         "jax_version": jax.__version__,
         "torch_version": torch_version(),

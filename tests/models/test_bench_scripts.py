@@ -43,6 +43,7 @@ def test_bench_train_reports_compile_time_and_peak_memory():
     assert result["compile_s"] > 0 and result["first_step_s"] > 0
     assert result["step_peak_bytes"] > 0 and result["step_temp_bytes"] > 0
     assert result["peak_rss_bytes"] > result["import_rss_bytes"] > 0 and result["hf_peak_rss_bytes"] is None
+    assert result["cores"] >= 1 and isinstance(result["cpu_vector"], list)  # the machine the figures came from
 
 
 def test_bench_decode_emits_hugging_faces_greedy_tokens_at_both_batch_sizes():
@@ -53,6 +54,18 @@ def test_bench_decode_emits_hugging_faces_greedy_tokens_at_both_batch_sizes():
         assert result[f"tokens_per_s_b{batch}"] > 0 and result[f"hf_tokens_per_s_b{batch}"] > 0
         assert result[f"speedup_b{batch}"] > 0
     assert result["new_tokens"] == 4 and result["torch_threads"] >= 1
+    assert result["cores"] >= 1 and isinstance(result["cpu_vector"], list)
+
+
+def test_bench_machine_reads_the_cpus_vector_isa_and_cache():
+    import bench_machine
+    machine = bench_machine.describe()
+    assert machine["cores"] == len(os.sched_getaffinity(0))
+    with open("/proc/cpuinfo") as f:
+        first = f.read().split("\n\n")[0]
+    flags = next(line.split(":", 1)[1].split() for line in first.splitlines() if line.startswith("flags"))
+    assert machine["cpu_vector"] == [f for f in bench_machine.VECTOR_FLAGS if f in flags]
+    assert machine["l3_bytes"] is None or machine["l3_bytes"] >= 1 << 20
 
 
 def test_profile_train_splits_the_traced_step_into_matmuls_copies_and_the_rest():
