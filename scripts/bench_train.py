@@ -13,8 +13,8 @@ A float32 2048^3 jitted matmul peak is measured in the same run (before and afte
 the higher counts), and MFU = model FLOP/s / that peak, with model FLOPs per token counted as the field
 does (`BaseModel.training_flops_per_token`: 6 x matmul weights + causal attention scores).
 
-Ours runs with the CPU XLA flags `python -m lmops_jax.train` sets (`lmops_jax.cli.xla_flags`, training); set
-LMOPS_JAX_XLA_DEFAULTS=off to measure without them.
+Ours runs with the CPU XLA flags and the malloc setting `python -m lmops_jax.train` makes (`lmops_jax.cli.xla_flags`,
+training; `lmops_jax.cli.host_memory`); set LMOPS_JAX_XLA_DEFAULTS=off to measure without them.
 
 Memory and compile time: the train step is lowered and compiled ahead of time once (`compile_s`, lowering
 included, no persistent compilation cache: scripts do not turn it on); XLA's compiled memory analysis of
@@ -43,8 +43,10 @@ from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lmops_jax.cli import xla_flags  # noqa: E402
+from lmops_jax.cli import host_memory, xla_flags  # noqa: E402
 
+if __name__ == "__main__":
+    host_memory.configure()  # huge pages for malloc's large blocks, as `python -m lmops_jax.train` (may exec again)
 xla_flags.configure(xla_flags.TRAINING)  # the CPU flags `python -m lmops_jax.train` runs with (before JAX starts)
 
 import jax  # noqa: E402

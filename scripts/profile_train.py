@@ -25,9 +25,15 @@ import sys
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lmops_jax.cli import host_memory  # noqa: E402
+
+if __name__ == "__main__":
+    host_memory.configure()  # huge pages for malloc's large blocks, as `python -m lmops_jax.train` (may exec again)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_train  # noqa: E402  the same config and step

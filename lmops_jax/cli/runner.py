@@ -1,5 +1,6 @@
-"""The one runner behind every `python -m lmops_jax.<job>`: logging, XLA flags (`xla_flags`), the compilation
-cache (`compile_cache`), flags, jax.distributed, exit codes.
+"""The one runner behind every `python -m lmops_jax.<job>`: logging, XLA flags (`xla_flags`; training's malloc
+setting, `host_memory`, is made by `python -m lmops_jax.train` before its imports), the compilation cache
+(`compile_cache`), flags, jax.distributed, exit codes.
 
 A job is one of two shapes, so each entry point stays a few lines:
   GinJob(fn, bound_by)          train, infer, `distillation dump_topk`: flags --gin_file, --gin.NAME=VALUE,
@@ -35,7 +36,7 @@ from typing import Any, Callable, Mapping, NoReturn, Protocol, Sequence
 
 import jax
 
-from lmops_jax.cli import compile_cache, gin_flags, xla_flags
+from lmops_jax.cli import compile_cache, gin_flags, host_memory, xla_flags
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -177,6 +178,8 @@ def run(prog: str, description: str, jobs: Job | Mapping[str, Job], argv: Sequen
     `workload` ('training' or 'inference') picks the CPU XLA flags set first (`xla_flags`)."""
     configure_logging()
     xla_flags.configure(workload)
+    if workload == xla_flags.TRAINING:
+        host_memory.log_state()
     compile_cache.configure()
     parser = build_parser(prog, description, jobs)
     try:
