@@ -6,9 +6,10 @@ PyTorch model gets the same weights, copied through the one-to-one layout docume
 `lmops_jax/models/decoder_only.py`, so both should emit the same tokens; the agreement is reported.
 Compile time (and PyTorch's first-call overhead) is excluded by a warm-up run; the two sides then take
 turns for `--repeats` rounds (default 5), so that both see the same background load; each side's best
-run counts, and the median over the rounds of HF's time over ours in the same round is reported too. Ours runs with the CPU XLA flags `python -m lmops_jax.infer` and
-`serve` set (`lmops_jax.cli.xla_flags`, inference: none today). The last line printed is one JSON object
-with the figures.
+run counts, and the median over the rounds of HF's time over ours in the same round is reported too.
+Ours runs with the CPU XLA flags `python -m lmops_jax.infer` and `serve` set (`lmops_jax.cli.xla_flags`,
+inference: none today). The last line printed is one JSON object with the figures and the CPU
+(`bench_machine.py`).
 
     python scripts/bench_decode.py [--repeats 5] [--new_tokens 128] [--prompt_length 16]
 """
@@ -17,8 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import statistics
+import sys
 import time
 from typing import Callable
 
