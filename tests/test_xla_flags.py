@@ -66,14 +66,6 @@ def test_training_gives_the_same_losses_with_and_without_the_flags(tmp_path):
         assert with_flags[key] == pytest.approx(without[key], rel=1e-4), key
 
 
-def _clean_env(monkeypatch, thp="always [madvise] never", tmp_path=None):
-    for name in ("GLIBC_TUNABLES", "JAX_PLATFORMS", xla_flags.ENV):
-        monkeypatch.delenv(name, raising=False)
-    mode_file = tmp_path / "enabled"
-    mode_file.write_text(thp + "\n")
-    monkeypatch.setattr(host_memory, "THP_MODE_FILE", str(mode_file))
-
-
 @pytest.mark.parametrize("env, thp, wanted", [
     ({}, "always [madvise] never", True),
     ({}, "[always] madvise never", False),  # the kernel gives huge pages already
@@ -86,7 +78,11 @@ def _clean_env(monkeypatch, thp="always [madvise] never", tmp_path=None):
 def test_training_asks_for_huge_pages_only_where_they_help(monkeypatch, tmp_path, env, thp, wanted):
     if host_memory.platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")
-    _clean_env(monkeypatch, thp, tmp_path)
+    for name in ("GLIBC_TUNABLES", "JAX_PLATFORMS", xla_flags.ENV):
+        monkeypatch.delenv(name, raising=False)
+    mode_file = tmp_path / "enabled"
+    mode_file.write_text(thp + "\n")
+    monkeypatch.setattr(host_memory, "THP_MODE_FILE", str(mode_file))
     monkeypatch.setattr(host_memory.importlib.metadata, "entry_points", lambda group: [])
     for name, value in env.items():
         monkeypatch.setenv(name, value)
