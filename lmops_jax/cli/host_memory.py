@@ -8,10 +8,9 @@ each a trap and a zeroed 4 KiB page. Where the kernel gives transparent huge pag
 asks for (/sys/kernel/mm/transparent_hugepage/enabled is `madvise`, the common default), glibc's tunable
 `glibc.malloc.hugetlb=1` (glibc >= 2.35) asks for them on the blocks it maps: the same buffer then faults
 in 2 MiB pages (0-20 faults per step), and the training bench ran 6-9% more tokens/s in an A/B
-(docs/benchmarks.md). The memory is still
-returned at every step, so peak resident memory does not change. (Keeping the buffer in the process instead,
-mallopt with one arena and no mmap, was as fast but fragmented the heap: peak resident memory rose by up to
-700 MB in some runs.)
+(docs/benchmarks.md). The memory is still returned at every step, so peak resident memory does not change.
+(Keeping the buffer in the process instead, mallopt with one arena and no mmap, was as fast but fragmented
+the heap: peak resident memory rose by up to 700 MB in some runs.)
 
 glibc reads its tunables only when a process starts, so `configure()` replaces the process once: it execs
 the same command line (`sys.orig_argv`, same process id) with `glibc.malloc.hugetlb=1` added to
@@ -64,7 +63,7 @@ def tunable_set() -> bool:
 
 def wanted() -> bool:
     """Whether `configure` would exec the process again (module docstring)."""
-    if tunable_set() or os.environ.get(xla_flags.ENV, "").strip().lower() == "off":
+    if tunable_set() or xla_flags.defaults_off():
         return False
     libc, version = platform.libc_ver()
     if not sys.platform.startswith("linux") or libc != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 35):

@@ -24,13 +24,18 @@ INFERENCE = "inference"
 CPU_FLAGS = {TRAINING: ("--xla_cpu_experimental_ynn_fusion_type=dot",), INFERENCE: ()}
 
 
+def defaults_off() -> bool:
+    """Whether the user turned off the library's CPU defaults (`LMOPS_JAX_XLA_DEFAULTS=off`)."""
+    return os.environ.get(ENV, "").strip().lower() == "off"
+
+
 def configure(workload: str) -> list[str]:
     """Appends the workload's `CPU_FLAGS` the user has not set to XLA_FLAGS (module docstring); returns
     those added. XLA reads XLA_FLAGS once, when the first backend starts: call this before any JAX
     computation."""
     if workload not in CPU_FLAGS:
         raise ValueError(f"unknown workload {workload!r}; choose one of {sorted(CPU_FLAGS)}")
-    if os.environ.get(ENV, "").strip().lower() == "off":
+    if defaults_off():
         return []
     current = os.environ.get("XLA_FLAGS", "")
     named = {flag.split("=", 1)[0] for flag in current.split()}
