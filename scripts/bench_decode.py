@@ -8,8 +8,9 @@ Compile time (and PyTorch's first-call overhead) is excluded by a warm-up run; t
 turns for `--repeats` rounds (default 5), so that both see the same background load; each side's best
 run counts, and the median over the rounds of HF's time over ours in the same round is reported too.
 Ours runs with the CPU XLA flags `python -m lmops_jax.infer` and `serve` set (`lmops_jax.cli.xla_flags`,
-inference: none today). The last line printed is one JSON object with the figures and the CPU
-(`bench_machine.py`).
+inference: none today). The last line printed is one JSON object with the figures, the CPU and, measured after
+the rounds, how fast XLA:CPU's matrix-vector products read matrices in and out of the cache beside the
+MiB of weights a step reads (`bench_machine.py`): batch 1 reads every weight once a step.
 
     python scripts/bench_decode.py [--repeats 5] [--new_tokens 128] [--prompt_length 16]
 """
@@ -35,7 +36,7 @@ import numpy as np  # noqa: E402
 
 from lmops_jax.inference.inference_module import InferenceModule  # noqa: E402
 from lmops_jax.models import decoder_only, model  # noqa: E402
-from bench_machine import describe as describe_machine  # noqa: E402  (scripts/ is on sys.path)
+from bench_machine import describe as describe_machine, matvec_read_gbps  # noqa: E402  (scripts/ is on sys.path)
 
 PAUSE_S = 0.2  # after each timed call: lets PyTorch's OpenMP threads go idle (alternating_times)
 BENCH = decoder_only.LlamaConfig(vocab_size=4096, d_model=256, num_layers=4, num_heads=4, num_kv_heads=4,
@@ -150,6 +151,10 @@ def main() -> None:
               f"(median of the rounds' {statistics.median(round_speedups):.1f}x), "
               f"token agreement {agreement:.3f} (first divergence per row: {first_diff})", flush=True)
     result["load_avg_1min_end"] = os.getloadavg()[0]  # the machine may be shared: context for the figures
+    read_per_step = {k: v for k, v in params.items() if k != "embed_tokens"}  # of the embedding, one row a token
+    result["step_weight_mib"] = round(sum(p.nbytes for p in jax.tree.leaves(read_per_step)) / 2**20, 1)
+    result["matvec_read_gbps_4mib"] = round(matvec_read_gbps(4), 1)
+    result["matvec_read_gbps_64mib"] = round(matvec_read_gbps(64), 1)
     print(json.dumps(result))
 
 

@@ -5,12 +5,16 @@ the CPU's vector width, so each run records the CPU it measured.
 `describe()` reads Linux's /proc/cpuinfo and sysfs (elsewhere the fields it cannot read are None):
 vendor, family and model numbers (a VM often hides the model name; AMD family 25 model 17 is Zen 4,
 family 26 is Zen 5), the vector ISA that decides which matmul kernels XLA and PyTorch pick, the
-last-level cache size, and the cores this process may use.
+last-level cache size, and the cores this process may use. `matvec_read_gbps()` measures how fast XLA:CPU's
+matrix-vector products read their matrices when they fit in the cache and when they do not: batch-1 decoding
+reads every weight once a step, so the second figure bounds its tokens/s (the VMs measured so far range from
+about 6 to 30 GB/s, docs/benchmarks.md).
 """
 from __future__ import annotations
 
 import os
 import platform
+import time
 
 VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
 
@@ -46,6 +50,34 @@ def num_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def matvec_read_gbps(total_mib: int, steps: int = 10, repeats: int = 3) -> float:
+    """GB/s of float32 [256, 256] matrices read by a jitted chain of [1, 256] x [256, 256] products (each
+    output, through tanh, the next input) over `total_mib` MiB of distinct matrices, `steps` times over; the
+    best of `repeats` runs after a compiling one. The chain is unrolled: a scanned one slices each matrix
+    out of a stacked array first and measures the copy too."""
+    import jax
+    import jax.numpy as jnp
+
+    count = max(1, total_mib * 2**20 // (256 * 256 * 4))
+    matrices = [jax.random.normal(jax.random.key(i), (256, 256)) / 16 for i in range(count)]
+
+    def chain(matrices, x):
+        def step(_, x):
+            for m in matrices:
+                x = jnp.tanh(x @ m)
+            return x
+        return jax.lax.fori_loop(0, steps, step, x)
+
+    run, x = jax.jit(chain), jnp.ones((1, 256))
+    run(matrices, x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(matrices, x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return count * 256 * 256 * 4 * steps / best / 1e9
 
 
 def describe() -> dict:

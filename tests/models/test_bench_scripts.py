@@ -54,6 +54,8 @@ def test_bench_decode_emits_hugging_faces_greedy_tokens_at_both_batch_sizes():
         assert result[f"tokens_per_s_b{batch}"] > 0 and result[f"hf_tokens_per_s_b{batch}"] > 0
         assert result[f"speedup_b{batch}"] > 0
     assert result["new_tokens"] == 4 and result["torch_threads"] >= 1
+    assert result["matvec_read_gbps_4mib"] > 0 and result["matvec_read_gbps_64mib"] > 0
+    assert 16 < result["step_weight_mib"] < 17  # the bench config's float32 weights but the embedding table
     assert result["cores"] >= 1 and isinstance(result["cpu_vector"], list)
 
 
