@@ -46,6 +46,28 @@ def test_preempted_exits_128_plus_the_signal(signal_name, code, capsys):
     assert f"{signal_name} received: saved a checkpoint at step 7" in capsys.readouterr().out
 
 
+def test_the_fast_exit_waits_for_threads_runs_atexit_flushes_and_keeps_the_code(tmp_path):
+    """`run_as_main` ends a job with `exit_without_teardown`: what a normal exit does that a job relies on still
+    happens (a checkpoint thread still writing, atexit handlers, unflushed output), then the code is the exit
+    status."""
+    marker = tmp_path / "written_by_the_thread"
+    script = (
+        "import atexit, logging, sys, threading, time\n"
+        "from lmops_jax.cli import runner\n"
+        f"def write():\n    time.sleep(0.5)\n    open({str(marker)!r}, 'w').write('saved')\n"
+        "threading.Thread(target=write).start()\n"
+        "atexit.register(lambda: print('atexit ran', flush=True))\n"
+        "logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
+        "logging.info('logged')\n"
+        "sys.stdout.write('no newline, not flushed')\n"
+        "runner.exit_without_teardown(3)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert marker.read_text() == "saved"
+    assert "no newline, not flushed" in proc.stdout and "atexit ran" in proc.stdout
+    assert "logged" in proc.stderr
+
+
 def test_logging_shows_library_progress_and_third_party_warnings_only(capsys):
     def log(args):
         logging.info("library progress")
