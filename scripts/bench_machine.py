@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 
 VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
 
@@ -60,6 +59,8 @@ def matvec_read_gbps(total_mib: int, steps: int = 10, repeats: int = 3) -> float
     import jax
     import jax.numpy as jnp
 
+    from lmops_jax.training import flops
+
     count = max(1, total_mib * 2**20 // (256 * 256 * 4))
     matrices = [jax.random.normal(jax.random.key(i), (256, 256)) / 16 for i in range(count)]
 
@@ -72,12 +73,7 @@ def matvec_read_gbps(total_mib: int, steps: int = 10, repeats: int = 3) -> float
 
     run, x = jax.jit(chain), jnp.ones((1, 256))
     run(matrices, x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(matrices, x).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return count * 256 * 256 * 4 * steps / best / 1e9
+    return count * 256 * 256 * 4 * steps / flops.best_seconds(lambda: run(matrices, x), repeats) / 1e9
 
 
 def describe() -> dict:

@@ -21,6 +21,7 @@ import os
 import socket
 import tempfile
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,12 +41,18 @@ def measure_matmul_peak(size: int = 2048, dtype: str = "float32", repeats: int =
     b = jax.device_put(jnp.ones((size, size), dtype), device)
     matmul = jax.jit(lambda x, y: x @ y)
     matmul(a, b).block_until_ready()
+    return 2.0 * size**3 / best_seconds(lambda: matmul(a, b), repeats)
+
+
+def best_seconds(call: Callable[[], jax.Array], repeats: int) -> float:
+    """Shortest wall time of `repeats` calls of `call`, each waited for; the caller runs it once before
+    (compiling it)."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        matmul(a, b).block_until_ready()
+        call().block_until_ready()
         best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best
+    return best
 
 
 def _per_probe_to_job(per_probe: float) -> float:
