@@ -7,8 +7,8 @@ vendor, family and model numbers (a VM often hides the model name; AMD family 25
 family 26 is Zen 5), the vector ISA that decides which matmul kernels XLA and PyTorch pick, the
 last-level cache size, and the cores this process may use. `matvec_read_gbps()` measures how fast XLA:CPU's
 matrix-vector products read their matrices when they fit in the cache and when they do not: batch-1 decoding
-reads every weight once a step, so the second figure bounds its tokens/s (the VMs measured so far range from
-about 6 to 30 GB/s, docs/benchmarks.md).
+reads every weight once a step, so the second figure bounds its tokens/s (9.6 GB/s on the Zen 4 VM of
+2026-12-02, docs/benchmarks.md).
 """
 from __future__ import annotations
 
