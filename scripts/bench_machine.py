@@ -61,7 +61,8 @@ def matvec_read_gbps(total_mib: int, steps: int = 10, repeats: int = 3) -> float
 
     from lmops_jax.training import flops
 
-    count = max(1, total_mib * 2**20 // (256 * 256 * 4))
+    matrix_bytes = 256 * 256 * 4
+    count = max(1, total_mib * 2**20 // matrix_bytes)
     matrices = [jax.random.normal(jax.random.key(i), (256, 256)) / 16 for i in range(count)]
 
     def chain(matrices, x):
@@ -73,7 +74,7 @@ def matvec_read_gbps(total_mib: int, steps: int = 10, repeats: int = 3) -> float
 
     run, x = jax.jit(chain), jnp.ones((1, 256))
     run(matrices, x).block_until_ready()
-    return count * 256 * 256 * 4 * steps / flops.best_seconds(lambda: run(matrices, x), repeats) / 1e9
+    return count * matrix_bytes * steps / flops.best_seconds(lambda: run(matrices, x), repeats) / 1e9
 
 
 def describe() -> dict:
