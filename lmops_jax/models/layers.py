@@ -109,7 +109,7 @@ class Embed(nn.Module):
         return jnp.take(jnp.asarray(self.embedding, self.dtype), tokens, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...d,vd->...v", x, jnp.asarray(self.embedding, self.dtype))
+        return contract_trailing(jnp.asarray(x, self.dtype), jnp.asarray(self.embedding, self.dtype), (1,))
 
 
 class DenseGeneral(nn.Module):
@@ -140,10 +140,21 @@ class DenseGeneral(nn.Module):
         kernel = param_with_axes(
             self, "kernel", init, self.in_shape + self.out_shape, self.param_dtype, self.in_axes + self.out_axes)
         kernel = jnp.asarray(kernel, self.dtype)
-        x = jnp.asarray(x, self.dtype)
-        batch_dims = x.ndim - n_in
-        contract = (tuple(range(batch_dims, x.ndim)), tuple(range(n_in)))
-        return jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        return contract_trailing(jnp.asarray(x, self.dtype), kernel, tuple(range(n_in)))
+
+
+def contract_trailing(x: jax.Array, kernel: jax.Array, kernel_dims: tuple[int, ...]) -> jax.Array:
+    """x [*batch, *in] contracted with `kernel`'s dims `kernel_dims` (sizes `in`) -> [*batch, *kernel's others].
+
+    The batch dims are merged into one first, so that the weight gradient contracts a single dim of the
+    activations ([N, in] with [N, out]), which XLA:CPU multiplies where they lie; contracting [B, L] it first
+    copies the output's gradient transposed (32 MiB for the bench config's logits; docs/benchmarks.md).
+    """
+    n_in = len(kernel_dims)
+    batch_shape = x.shape[:x.ndim - n_in]
+    rows = x.reshape((int(np.prod(batch_shape)),) + x.shape[x.ndim - n_in:])
+    y = jax.lax.dot_general(rows, kernel, ((tuple(range(1, n_in + 1)), kernel_dims), ((), ())))
+    return y.reshape(batch_shape + y.shape[1:])
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:

@@ -83,6 +83,35 @@ def test_rope_matches_rotate_half_reference():
     np.testing.assert_allclose(out, x * cos + rot * sin, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel_shape,kernel_dims,spec", [
+    ((6, 3, 4), (0,), "bld,dhk->blhk"),      # q/k/v projections
+    ((3, 4, 6), (0, 1), "blhk,hkd->bld"),    # the output projection
+    ((5, 6), (1,), "bld,vd->blv"),           # tied unembedding against the [V, D] table
+])
+def test_merged_batch_contraction_equals_the_einsum_with_gradients(kernel_shape, kernel_dims, spec):
+    rng = np.random.default_rng(0)
+    in_shape = tuple(kernel_shape[d] for d in kernel_dims)
+    x = jnp.asarray(rng.normal(size=(2, 7) + in_shape), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
+    ours = lambda x, k: jnp.sum(jnp.sin(layers.contract_trailing(x, k, kernel_dims)))  # noqa: E731
+    ref = lambda x, k: jnp.sum(jnp.sin(jnp.einsum(spec, x, k)))  # noqa: E731
+    np.testing.assert_allclose(layers.contract_trailing(x, kernel, kernel_dims), jnp.einsum(spec, x, kernel),
+                               rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.grad(ours, (0, 1))(x, kernel), jax.grad(ref, (0, 1))(x, kernel)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_weight_gradient_does_not_copy_the_output_gradient_transposed():
+    """The reason for merging the batch dims: XLA:CPU multiplies [N, in] by [N, out] where they lie."""
+    x = jnp.ones((8, 32, 16), jnp.float32)
+    kernel = jnp.ones((16, 512), jnp.float32)
+    weight_grad = jax.jit(jax.grad(lambda k, x: jnp.sum(jnp.tanh(layers.contract_trailing(x, k, (0,))))))
+    hlo = weight_grad.lower(kernel, x).compile().as_text()
+    transposed_copies = [line for line in hlo.splitlines()
+                         if "f32[512,256]" in line and ("copy" in line or "transpose" in line)]
+    assert not transposed_copies, transposed_copies
+
+
 def test_bfloat16_compute_keeps_float32_params():
     m = tiny_llama(dtype="bfloat16", param_dtype="float32")
     p = _params(m)
