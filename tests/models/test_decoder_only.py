@@ -103,6 +103,8 @@ def test_merged_batch_contraction_equals_the_einsum_with_gradients(kernel_shape,
 
 def test_the_weight_gradient_does_not_copy_the_output_gradient_transposed():
     """The reason for merging the batch dims: XLA:CPU multiplies [N, in] by [N, out] where they lie."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("a property of XLA:CPU's layout assignment")
     x = jnp.ones((8, 32, 16), jnp.float32)
     kernel = jnp.ones((16, 512), jnp.float32)
     weight_grad = jax.jit(jax.grad(lambda k, x: jnp.sum(jnp.tanh(layers.contract_trailing(x, k, (0,))))))
